@@ -1,0 +1,285 @@
+"""
+A GPT-2 language model in one file.
+References: OpenAI's GPT-2 TensorFlow code and Hugging Face's GPT2LMHeadModel, whose weights
+load here unchanged (tests/test_model.py checks the logits match).
+"""
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+import hardware
+
+PRETRAINED = {  # the OpenAI checkpoints: n_layer, n_head, n_embd
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit faster
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = None, T > 1
+        if cache is not None:  # generation: keep this step's keys/values, attend to all so far
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+            if pos > 0 and T > 1:  # a chunk after a prefix: SDPA's is_causal would misalign
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+                is_causal = False
+            elif pos > 0:
+                is_causal = False  # one new token sees every cached one
+        # flash attention on CUDA; other fused kernels elsewhere
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu; the exact one drifts from its weights
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% slower
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default, as in the GPT-2 paper's
+        counts (the token embeddings stay in: they are the tied output layer too)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def hidden_states(self, idx, cache=None, pos=0):
+        """Final-LayerNorm outputs (B, T, n_embd) for tokens idx placed at positions pos.. ."""
+        T = idx.size(1)
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}")
+        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for i, block in enumerate(self.transformer.h):
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i], pos)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits for every position, and the mean cross-entropy against targets (-1 = ignore)."""
+        logits = self.lm_head(self.hidden_states(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        # model surgery to use a smaller context than the checkpoint was trained with
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from the Hugging Face hub (gpt2 ... gpt2-xl) or a local HF GPT-2 folder."""
+        override_args = override_args or {}
+        assert set(override_args) <= {"dropout"}, "only dropout can be overridden"
+        is_folder = os.path.isdir(name_or_path)
+        if not is_folder and name_or_path not in PRETRAINED:
+            raise ValueError(f"unknown model '{name_or_path}': use one of {', '.join(PRETRAINED)} "
+                             "or a folder holding a Hugging Face GPT-2 checkpoint (config.json + weights)")
+        if is_folder:
+            config_path = os.path.join(name_or_path, "config.json")
+            if not os.path.exists(config_path):
+                raise ValueError(f"{name_or_path} has no config.json: it is not a Hugging Face checkpoint folder")
+            with open(config_path) as f:
+                hf = json.load(f)
+            config_args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                               vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+        else:
+            config_args = dict(PRETRAINED[name_or_path], vocab_size=50257, block_size=1024)
+        config_args.update(bias=True, dropout=override_args.get("dropout", 0.0))
+        print(f"loading weights from {name_or_path}: " + ", ".join(f"{k}={v}" for k, v in config_args.items()))
+
+        from transformers import GPT2LMHeadModel
+        hf_state = GPT2LMHeadModel.from_pretrained(name_or_path).state_dict()
+        model = GPT(GPTConfig(**config_args))
+        model.load_hf_state_dict(hf_state)
+        return model
+
+    def load_hf_state_dict(self, hf_state):
+        """Copy a GPT2LMHeadModel state dict in. HF keeps Conv1D weights as (in, out): transpose them."""
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        hf_state = {k: v for k, v in hf_state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        ours = self.state_dict()
+        missing = [k for k in ours if k not in hf_state and k != "lm_head.weight"]
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} GPT-2 weights, e.g. {missing[0]}")
+        with torch.no_grad():
+            for k, v in hf_state.items():
+                if k not in ours:
+                    continue
+                v = v.t() if k.endswith(transposed) else v
+                if v.shape != ours[k].shape:
+                    raise ValueError(f"weight {k} has shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
+                ours[k].copy_(v)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+        """AdamW with decay on matrices only (not biases, norms); fused on CUDA. optimizer='adamw8bit'
+        keeps the two moment buffers in 8 bits (bitsandbytes), cutting their memory by 4x."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        if optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
+        if optimizer != "adamw":
+            raise ValueError(f"unknown optimizer '{optimizer}': use 'adamw' or 'adamw8bit'")
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N for the matmuls plus attention's, as in the PaLM paper (App. B)."""
+        cfg = self.config
+        head_size = cfg.n_embd // cfg.n_head
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt):
+        """Model FLOPs utilization: achieved FLOP/s over the bf16 peak of the GPU we run on.
+        None when the peak is unknown (CPU, or a GPU missing from hardware.GPUS)."""
+        peak = hardware.peak_flops(self.lm_head.weight.device)
+        if peak is None or dt <= 0:
+            return None
+        return self.flops_per_token() * tokens_per_iter / dt / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Extend idx (B, T) by max_new_tokens sampled tokens. temperature 0 is greedy. top_k keeps
+        the k likeliest tokens, top_p the smallest set whose probability reaches p."""
+        block_size = self.config.block_size
+        cache, cached_len = None, 0
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block_size:
+                if cache is None:  # prefill with the whole prompt once
+                    cache = self._new_cache(idx)
+                x = self.hidden_states(idx[:, cached_len:], cache, cached_len)
+                cached_len = idx.size(1)
+            else:
+                # past block_size the window slides, every absolute position shifts and the cache
+                # is stale: recompute the window, exactly as a plain forward would
+                x = self.hidden_states(idx[:, -block_size:])
+            logits = self.lm_head(x[:, -1, :]).float()
+            idx_next = sample_next(logits, temperature, top_k, top_p)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def _new_cache(self, idx):
+        cfg = self.config
+        shape = (idx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) \
+            else self.lm_head.weight.dtype
+        return [[torch.empty(shape, dtype=dtype, device=idx.device) for _ in range(2)]
+                for _ in range(cfg.n_layer)]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token already >= p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)

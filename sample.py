@@ -1,0 +1,118 @@
+"""
+Sample from a trained model, or from OpenAI's GPT-2.
+$ python sample.py --out_dir=out-shakespeare-char
+$ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
+$ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt
+"""
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir) | 'gpt2*' | a local Hugging Face GPT-2 folder
+out_dir = 'out'  # ignored if init_from is not 'resume'
+checkpoint_name = 'ckpt.pt'  # or best.pt, the best-val model when always_save_checkpoint is on
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
+seed = 1337
+device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+# -----------------------------------------------------------------------------
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+try:
+    configure(sys.argv[1:], config)
+except ConfigError as e:
+    sys.exit(f"error: {e}")
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+torch.manual_seed(seed)
+torch.cuda.manual_seed(seed)
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# model
+meta_path = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, checkpoint_name)
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: {ckpt_path} is truncated or corrupt ({type(e).__name__})")
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    if 'dataset' in checkpoint.get('config', {}):  # older checkpoints might not have these...
+        meta_path = os.path.join('data', checkpoint['config']['dataset'], 'meta.pkl')
+else:
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: could not load '{init_from}': {str(e).splitlines()[0]}")
+model.eval()
+model.to(device)
+if compile:
+    # generation runs hidden_states once per token; dynamic shapes avoid a recompile per length
+    model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+
+# char-level models decode with their dataset's vocabulary, the others with GPT-2's BPE
+if meta_path is not None and os.path.exists(meta_path):
+    print(f"Loading meta from {meta_path}...")
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+    stoi, itos = meta['stoi'], meta['itos']
+
+    def encode(s):
+        unknown = sorted(set(s) - set(stoi))
+        if unknown:
+            sys.exit(f"error: the prompt has characters outside the model's vocabulary: {unknown!r}")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return ''.join(itos[i] for i in ids)
+else:
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+
+    def encode(s):
+        return enc.encode(s, allowed_special={"<|endoftext|>"})
+
+    def decode(ids):
+        return enc.decode(ids)
+
+# encode the beginning of the prompt
+if start.startswith('FILE:'):
+    with open(start[5:], 'r', encoding='utf-8') as f:
+        start = f.read()
+start_ids = encode(start)
+if not start_ids:
+    sys.exit("error: the prompt is empty: give --start=TEXT (a newline works for char models)")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+
+# run generation
+with torch.no_grad():
+    with ctx:
+        for k in range(num_samples):
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+            print(decode(y[0].tolist()))
+            print('---------------')

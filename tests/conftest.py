@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'data'))
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
+    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.join(SHARED, 'tiktoken_cache')
+
+# tiny models on tiny data: one thread each is fastest and keeps runs bit-reproducible
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
+
+# a model small enough that a run takes seconds
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+        '--gradient_accumulation_steps=2', '--compile=False', '--device=cpu', '--eval_iters=4',
+        '--warmup_iters=2', '--log_interval=1']
+
+
+def run_script(script, *args, timeout=300, **kwargs):
+    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(REPO, 'train.py'), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_log(out_dir):
+    import json
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='session')
+def char_data(tmp_path_factory):
+    """The first 100K characters of tiny Shakespeare as a char-level dataset folder."""
+    from prepare_text import encode_chars, write_dataset
+    with open(os.path.join(REPO, 'data', 'shakespeare_char', 'input.txt')) as f:
+        text = f.read()[:100_000]
+    folder = tmp_path_factory.mktemp('shakespeare_char_small')
+    tokens, meta = encode_chars([text])
+    write_dataset(tokens, meta, str(folder))
+    return str(folder)

@@ -1,0 +1,532 @@
+"""
+Train a GPT: from scratch, from OpenAI's GPT-2 weights, or resuming a checkpoint.
+
+One process (runs on whatever device is there):
+$ python train.py config/train_shakespeare_char.py
+
+DDP on 8 GPUs of one node:
+$ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_multi_gpu.py
+
+DDP on 2 nodes of 8 GPUs (run on each node; --node_rank 0 on the master):
+$ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=MASTER_IP:29500 train.py ...
+
+Checkpoints are written atomically and hold every RNG state, so `--init_from=resume` continues
+exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly.
+"""
+import glob
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import utils
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig, PRETRAINED
+
+# -----------------------------------------------------------------------------
+# default config values, designed to train a GPT-2 (124M) on OpenWebText (as nanoGPT)
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # if True, script exits right after the first eval
+always_save_checkpoint = True  # if True, save a checkpoint after each eval, else only on improvement
+init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local Hugging Face GPT-2 folder
+keep_last = 1  # older checkpoints kept beside ckpt.pt, as ckpt-<iter>.pt
+patience = 0  # stop after this many evals without a better val loss (0 = never)
+# wandb logging
+wandb_log = False
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'  # a folder under data/ (or a path) with train.bin, val.bin, maybe meta.pkl
+gradient_accumulation_steps = 5 * 8  # the global count: divided among DDP processes
+batch_size = 12  # micro-batch size per process
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # do we use bias inside LayerNorm and Linear layers?
+activation_checkpointing = False  # recompute activations in backward: much less memory, ~30% slower
+# optimizer
+optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; optimizer state in 8 bits)
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+max_nonfinite_steps = 10  # stop after this many non-finite losses in a row (each one is skipped)
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# system
+backend = 'nccl'  # DDP backend on GPUs; CPUs always use 'gloo'
+device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
+compile = True  # use PyTorch 2.0 to compile the model to be faster
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config = {k: globals()[k] for k in config_keys}
+try:
+    explicit_keys = configure(sys.argv[1:], config)  # config files and --key=value
+except ConfigError as e:
+    sys.exit(f"error: {e}")
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+# validate the settings a user can get wrong before touching any device or file
+for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'eval_interval', 'log_interval'):
+    if config[key] <= 0:
+        fail(f"{key} must be > 0, got {config[key]}")
+if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
+    fail(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
+         "nor a folder with a Hugging Face GPT-2 checkpoint")
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+if device_type == 'cuda' and not torch.cuda.is_available():
+    fail(f"device='{device}' but CUDA is not available here: use --device=cpu (or auto)")
+if device_type == 'mps' and not torch.backends.mps.is_available():
+    fail(f"device='{device}' but MPS is not available here: use --device=cpu (or auto)")
+if ddp:
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if gradient_accumulation_steps % ddp_world_size != 0:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+             f"{ddp_world_size} processes: make it a multiple of {ddp_world_size}")
+    if device_type == 'cuda':
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
+    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    # if not ddp, we are running on a single gpu, and one process
+    master_process = True
+    ddp_rank, ddp_world_size = 0, 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype='{dtype}' is unknown: use float32, bfloat16 or float16")
+if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+    fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --dtype=float16")
+if master_process:
+    print(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, '.write_test'), 'w'):
+            pass
+        os.remove(os.path.join(out_dir, '.write_test'))
+    except OSError as e:
+        fail(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another --out_dir")
+torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
+torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+# poor man's data loader: random windows of the token file, each batch seeded by its position in
+# the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would
+data_dir = os.path.join('data', dataset)  # dataset may also be a path to a folder
+for split in ('train', 'val'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        fail(f"{path} not found: prepare the data first, e.g. python {data_dir}/prepare.py")
+    if os.path.getsize(path) // 2 < block_size + 1:
+        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size+1={block_size + 1}: "
+             "use more data or a smaller --block_size")
+
+
+def get_batch(split, iter_index, batch_index):
+    # recreate np.memmap every batch to avoid a memory leak, as per
+    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    generator = torch.Generator().manual_seed(hash((seed, split == 'val', iter_index, batch_index)) % 2**62)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# attempt to derive vocab_size from the dataset
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+    if master_process:
+        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+
+# model init
+iter_num = 0
+best_val_loss = float('inf')
+evals_without_improvement = 0
+checkpoint = None
+model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=None, dropout=dropout)
+if init_from == 'scratch':
+    if master_process:
+        print("Initializing a new model from scratch")
+    model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    older = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
+    hint = f" (older ones: {', '.join(older)}; copy one to ckpt.pt to use it)" if older else ""
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__}){hint}")
+    if master_process:
+        print(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
+        if k in explicit_keys and config[k] != checkpoint['model_args'][k]:
+            fail(f"the checkpoint has {k}={checkpoint['model_args'][k]} but {k}={config[k]} was given: "
+                 f"drop that setting to resume, or train a new model in another out_dir")
+        model_args[k] = checkpoint['model_args'][k]
+    model = GPT(GPTConfig(**model_args))
+    # nanoGPT's compiled checkpoints prefix keys with '_orig_mod.'; accept them too
+    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    iter_num = checkpoint['iter_num']
+    best_val_loss = checkpoint['best_val_loss']
+    evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
+else:
+    if master_process:
+        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+    except (ValueError, OSError) as e:
+        fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
+    if block_size > model.config.block_size:
+        fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
+             f"use --block_size={model.config.block_size} or less")
+    model_args.update({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'vocab_size')})
+if block_size < model.config.block_size:  # crop down the model block size if desired
+    model.crop_block_size(block_size)
+    model_args['block_size'] = block_size
+if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
+    fail(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
+         "train this dataset from scratch, or prepare it with the model's tokenizer")
+model.activation_checkpointing = activation_checkpointing
+model.to(device)
+raw_model = model  # unwrapped, uncompiled: what we save and measure
+
+# initialize a GradScaler. If enabled=False scaler is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+try:
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+except ImportError:
+    fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
+except ValueError as e:
+    fail(str(e))
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+    rng_states = checkpoint.get('rng')
+    if rng_states is not None and len(rng_states) == ddp_world_size:
+        utils.set_rng_state(rng_states[ddp_rank])
+    elif master_process:
+        print("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
+
+# compile the model; where torch.compile cannot work (no compiler, unsupported platform), run eager
+if compile:
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    compiled = torch.compile(model)
+    try:
+        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
+            probe = torch.zeros((1, min(block_size, 8)), dtype=torch.long, device=device)
+            compiled(probe, probe)[1].backward()  # compile errors surface on the first call
+        model.zero_grad(set_to_none=True)
+        model = compiled
+    except Exception as e:
+        model.zero_grad(set_to_none=True)
+        if master_process:
+            print(f"torch.compile is not available here ({type(e).__name__}): running eager")
+
+# wrap model into DDP container
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    # mean loss over the same eval_iters batches every time, split among processes; it draws on
+    # no training RNG, so evals never change the training run they measure
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        total = torch.zeros(2, device=device)  # (sum of losses, count)
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
+            X, Y = get_batch(split, -1, k)
+            with ctx:
+                _, loss = model(X, Y)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    # learning rate decay scheduler (cosine with warmup)
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) if it > lr_decay_iters, return min learning rate
+    if it > lr_decay_iters:
+        return min_lr
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+log_path = os.path.join(out_dir, 'log.jsonl')
+
+
+def log_json(record):
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def trim_log(resume_iter):
+    # drop lines a killed run wrote after its last checkpoint: the resumed run writes them again
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip().endswith('}')]
+    kept = [r for r in records if r['iter'] < resume_iter or (r['iter'] == resume_iter and 'val_loss' in r)]
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(log_path + '.tmp', log_path)
+
+
+last_saved_iter = iter_num if checkpoint is not None else None
+
+
+def save_checkpoint(is_best):
+    """Atomically write ckpt.pt (every process's RNG included); keep the previous one as
+    ckpt-<iter>.pt (keep_last of them) and the best-val one as best.pt."""
+    global last_saved_iter
+    rng = utils.get_rng_state()
+    rng_states = [None] * ddp_world_size
+    if ddp:
+        dist.all_gather_object(rng_states, rng)
+    else:
+        rng_states = [rng]
+    if not master_process:
+        last_saved_iter = iter_num
+        return
+    ckpt = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'evals_without_improvement': evals_without_improvement,
+        'config': config,
+        'rng': rng_states,
+    }
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    print(f"saving checkpoint to {out_dir} (iter {iter_num})")
+    try:
+        if keep_last > 0 and last_saved_iter is not None and os.path.exists(ckpt_path):
+            link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{last_saved_iter:07d}.pt'))
+        utils.atomic_torch_save(ckpt, ckpt_path)
+        if is_best:
+            link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
+    except OSError as e:
+        fail(f"could not save a checkpoint in {out_dir} ({e.strerror}); the previous one is intact: free disk space and resume")
+    for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[:-keep_last or None]:
+        os.remove(old)
+    last_saved_iter = iter_num
+
+
+def link_or_copy(src, dst):
+    # a hard link costs no disk; the atomic rename keeps dst whole either way
+    tmp = dst + '.tmp'
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# SIGTERM (spot instances, schedulers) and Ctrl-C: finish the step, save, exit cleanly
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+# logging
+if master_process:
+    if checkpoint is not None:
+        trim_log(iter_num)
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    if wandb_log:
+        utils.init_wandb(wandb_project, wandb_run_name, config)
+resumed_at = iter_num if checkpoint is not None else None
+checkpoint = None  # free up memory
+
+# training loop
+
+
+def get_train_batch(iter_index, micro_step):
+    # the global micro-step index: the same set of batches whatever the number of processes
+    return get_batch('train', iter_index, micro_step * ddp_world_size + ddp_rank)
+
+
+X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
+t0 = time.time()
+nonfinite_in_a_row = 0
+nonfinite_total = 0
+stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
+params = [p for p in raw_model.parameters() if p.requires_grad]
+while True:
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
+    if iter_num % eval_interval == 0 and iter_num != resumed_at:
+        losses = estimate_loss()
+        improved = losses['val'] < best_val_loss
+        if improved:
+            best_val_loss = losses['val']
+            evals_without_improvement = 0
+        else:
+            evals_without_improvement += 1
+        if master_process:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  f" (best {best_val_loss:.4f})")
+            log_json({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            if wandb_log:
+                import wandb
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
+        if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
+            save_checkpoint(is_best=improved)
+        if patience and evals_without_improvement >= patience:
+            if master_process:
+                print(f"early stopping: val loss has not improved for {patience} evals (best {best_val_loss:.4f})")
+            break
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:
+            # sync gradients only on the last micro step (the official way is model.no_sync())
+            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        with ctx:
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+        loss_sum += loss.detach().float()
+        # immediately async prefetch next batch while model is doing the forward pass on the GPU
+        if micro_step + 1 < gradient_accumulation_steps:
+            X, Y = get_train_batch(iter_num, micro_step + 1)
+        else:
+            X, Y = get_train_batch(iter_num + 1, 0)
+        # backward pass, with gradient scaling if training in fp16
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    # the norm is the same on every process (gradients are all-reduced): a shared skip decision
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+    if ddp:
+        dist.all_reduce(stats)
+    loss_value, stop_requested = stats[0].item() / ddp_world_size, stats[1].item() > 0
+    finite = math.isfinite(grad_norm.item())
+    if finite or scaler.is_enabled():
+        scaler.step(optimizer)  # the fp16 scaler skips non-finite steps itself
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if not finite:
+        nonfinite_in_a_row += 1
+        nonfinite_total += 1
+        if master_process:
+            print(f"iter {iter_num}: non-finite loss/gradients, step skipped ({nonfinite_in_a_row} in a row)")
+        if nonfinite_in_a_row >= max_nonfinite_steps:
+            saved = f"iter {last_saved_iter}" if last_saved_iter is not None else "none saved yet"
+            fail(f"loss was not finite for {nonfinite_in_a_row} iterations in a row (last at iter {iter_num}): "
+                 f"lower learning_rate, or use dtype=bfloat16 if on float16; the last checkpoint ({saved}) is untouched")
+    else:
+        nonfinite_in_a_row = 0
+    if iter_num % log_interval == 0 and master_process:
+        mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
+        tok_per_s = tokens_per_iter / dt
+        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
+        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+              f"tok/s {tok_per_s:,.0f}, mfu {mfu_text}")
+        log_json({'iter': iter_num, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000,
+                  'tok_per_s': tok_per_s, 'mfu': mfu})
+        if wandb_log:
+            import wandb
+            wandb.log({"iter": iter_num, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tok_per_s})
+    iter_num += 1
+    if stop_requested:
+        if master_process:
+            print(f"received {stop_signal or 'a stop request'}: saving a checkpoint and exiting")
+        break
+
+# the state to resume from: at the end of a run, and on SIGTERM/SIGINT whatever the settings
+if not eval_only and iter_num > 0 and last_saved_iter != iter_num and (always_save_checkpoint or stop_requested):
+    save_checkpoint(is_best=False)
+if nonfinite_total and master_process:
+    print(f"{nonfinite_total} steps were skipped for non-finite loss")
+if ddp:
+    dist.destroy_process_group()
