@@ -146,6 +146,8 @@ if master_process:
         os.remove(os.path.join(out_dir, '.write_test'))
     except OSError as e:
         fail(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another --out_dir")
+    for stale in glob.glob(os.path.join(out_dir, '.*.tmp*')) + glob.glob(os.path.join(out_dir, '*.pt.tmp')):
+        os.remove(stale)  # half-written files of a run killed while saving
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn

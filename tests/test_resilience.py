@@ -1,0 +1,136 @@
+"""Interrupted runs: kill -9 at any moment, SIGTERM/SIGINT, non-finite losses, a dying DDP rank,
+and a failed write never cost more than the last checkpoint interval or corrupt a checkpoint."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import ENV, REPO, TINY, read_log, run_script
+
+# big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
+KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
+             '--gradient_accumulation_steps=1', '--compile=False', '--device=cpu', '--eval_iters=1',
+             '--eval_interval=2', '--log_interval=1', '--warmup_iters=2', '--dropout=0.1', '--max_iters=80']
+
+
+def start_train(*args):
+    cmd = [sys.executable, os.path.join(REPO, 'train.py'), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def mtime(path):
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def wait_for(condition, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_finishes_like_an_uninterrupted_run(char_data, tmp_path):
+    args = [*KILL_ARGS, f'--dataset={char_data}']
+    reference = tmp_path / 'reference'
+    assert run_script('train.py', *args, f'--out_dir={reference}').returncode == 0
+    out = tmp_path / 'killed'
+    rng = random.Random(0)
+    kills = kills_in_save = 0
+    while kills < 20:
+        resume = (out / 'ckpt.pt').exists()
+        proc = start_train(*args, f'--out_dir={out}', f'--init_from={"resume" if resume else "scratch"}')
+        if kills % 2:  # let one save complete, then kill inside the next one
+            saved_at = mtime(out / 'ckpt.pt')
+            wait_for(lambda: mtime(out / 'ckpt.pt') != saved_at or proc.poll() is not None, 60)
+            in_save = wait_for(lambda: (out / f'.ckpt.pt.tmp{proc.pid}').exists() or proc.poll() is not None, 20)
+            kills_in_save += bool(in_save and proc.poll() is None)
+        else:
+            time.sleep(rng.uniform(0.3, 2.5))
+        if proc.poll() is not None:
+            break  # finished before we could kill it
+        proc.kill()
+        _, stderr = proc.communicate()
+        assert 'error:' not in stderr and 'Traceback' not in stderr, stderr  # every resume loaded
+        kills += 1
+    final = run_script('train.py', *args, f'--out_dir={out}', '--init_from=resume')
+    assert final.returncode == 0, final.stderr
+    assert kills >= 20 and kills_in_save >= 5, (kills, kills_in_save)
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 80
+    assert not glob.glob(str(out / '.*tmp*'))
+    # same iterations, same losses, bit for bit, as the run that was never interrupted
+    assert [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(out)] == \
+           [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(reference)]
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, char_data, tmp_path):
+    out = tmp_path / 'out'
+    proc = start_train(*TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=100000',
+                       '--eval_interval=100000')
+    assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out)) >= 4, 60)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    last_iter = read_log(out)[-1]['iter']
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == last_iter + 1
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--init_from=resume',
+                   f'--max_iters={last_iter + 3}', '--eval_interval=100000')
+    assert r.returncode == 0, r.stderr
+    assert [rec['iter'] for rec in read_log(out)][-3:] == [last_iter, last_iter + 1, last_iter + 2]
+
+
+def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(char_data, tmp_path):
+    out = tmp_path / 'out'
+    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
+                      '--eval_interval=2').returncode == 0
+    before = (out / 'ckpt.pt').read_bytes()
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--init_from=resume',
+                   '--learning_rate=1e30', '--max_iters=50', '--max_nonfinite_steps=3', '--decay_lr=False')
+    assert r.returncode != 0
+    assert 'step skipped (1 in a row)' in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: loss was not finite for 3 iterations in a row (last at iter')
+    assert 'lower learning_rate' in last and 'checkpoint (iter 2) is untouched' in last
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_a_dying_ddp_rank_ends_the_whole_job(char_data, tmp_path):
+    out = tmp_path / 'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO, 'train.py'), *TINY, f'--dataset={char_data}', f'--out_dir={out}',
+           '--max_iters=100000', '--eval_interval=100000']
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out)) >= 3, 120)
+        with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        assert proc.wait(timeout=90) != 0
+    finally:
+        proc.kill()
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise OSError(28, 'No space left on device')  # what a full disk looks like mid-write
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    utils.atomic_torch_save({'iter_num': 1, 'w': torch.ones(1000)}, path)
+    before = path.read_bytes()
+    with pytest.raises(OSError):
+        utils.atomic_torch_save({'w': torch.zeros(1000), 'bad': Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
