@@ -20,10 +20,11 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--warmup_iters=2', '--log_interval=1']
 
 
-def run_script(script, *args, timeout=300, **kwargs):
+def run_script(script, *args, timeout=300, env=None, **kwargs):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(cmd, cwd=REPO, env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def torchrun(*args, nproc=2, timeout=300):
