@@ -244,6 +244,9 @@ if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
          "train this dataset from scratch, or prepare it with the model's tokenizer")
 model.activation_checkpointing = activation_checkpointing
 model.to(device)
+if master_process:
+    import plan  # one line: expected peak memory, tokens per iteration, time; warns if it will not fit
+    print(plan.startup_line(config, ddp_world_size, device, model_args))
 raw_model = model  # unwrapped, uncompiled: what we save and measure
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
@@ -270,9 +273,12 @@ if compile:
         print("compiling the model... (takes a ~minute)")
     compiled = torch.compile(model)
     try:
-        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), ctx:
-            probe = torch.zeros((1, min(block_size, 8)), dtype=torch.long, device=device)
-            compiled(probe, probe)[1].backward()  # compile errors surface on the first call
+        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):
+            # compile errors surface on the first call; use the training shape so it compiles once
+            probe = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)
+            with ctx:
+                probe_loss = compiled(probe, probe)[1]
+            probe_loss.backward()
         model.zero_grad(set_to_none=True)
         model = compiled
     except Exception as e:

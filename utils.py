@@ -66,18 +66,19 @@ def set_rng_state(state):
 
 def init_wandb(project, run_name, config):
     """Start wandb; with no API key or no network, run offline and say so instead of crashing."""
+    import netrc
     import wandb
-    if os.environ.get("WANDB_MODE") is None and not os.environ.get("WANDB_API_KEY"):
-        try:
-            has_key = bool(wandb.api.api_key)
-        except Exception:
+    mode = os.environ.get("WANDB_MODE") or None
+    if mode is None and not os.environ.get("WANDB_API_KEY"):
+        try:  # where `wandb login` keeps the key
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
             has_key = False
         if not has_key:
             print("wandb: no API key found, logging offline (run `wandb sync` later to upload)")
-            os.environ["WANDB_MODE"] = "offline"
+            mode = "offline"
     try:
-        return wandb.init(project=project, name=run_name, config=config)
+        return wandb.init(project=project, name=run_name, config=config, mode=mode)
     except Exception as e:
         print(f"wandb: could not start online ({type(e).__name__}), logging offline instead")
-        os.environ["WANDB_MODE"] = "offline"
         return wandb.init(project=project, name=run_name, config=config, mode="offline")

@@ -2,7 +2,11 @@ import os
 import subprocess
 import sys
 
-import pytest
+# tiny models run fastest on one thread, and pytest -n 2 already uses both cores: more threads
+# only oversubscribe them (set before torch is imported)
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
@@ -11,8 +15,7 @@ sys.path.insert(0, os.path.join(REPO, 'data'))
 if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
     os.environ['TIKTOKEN_CACHE_DIR'] = os.path.join(SHARED, 'tiktoken_cache')
 
-# tiny models on tiny data: one thread each is fastest and keeps runs bit-reproducible
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', WANDB_MODE='disabled')
 
 # a model small enough that a run takes seconds
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
