@@ -22,6 +22,10 @@ def configure(args, config):
     Returns the set of keys that were set, so a script can tell a default from a user's choice."""
     changed = set()
     for arg in args:
+        if arg in ("-h", "--help"):
+            print("settings (set with a config file or --key=value):")
+            print("\n".join(f"  --{k}={v!r}" for k, v in config.items()))
+            raise SystemExit(0)
         if not arg.startswith("--"):
             changed |= apply_file(arg, config)
             continue
