@@ -1,0 +1,323 @@
+"""
+train_ds.py on the CPU with tiny random Qwen2-VL and LLaVA models (see vlm_fixtures.py), loaded
+through the script's normal --model path. Most runs call train_ds.main() in this process (a
+fresh Python costs ~15 s of imports); the DeepSpeed runs and one error check use real processes.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_ds  # noqa: E402
+from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl  # noqa: E402
+
+TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    subprocess.run([sys.executable, os.path.join(ROOT, "data/vlm_demo/prepare.py"), "--out-dir", str(root / "demo"),
+                    "--num-train", "12", "--num-val", "4", "--size", "56"], check=True, capture_output=True)
+    paths = {"root": root, "qwen": str(write_qwen2_vl(str(root / "qwen"))), "llava": str(write_llava(str(root / "llava"))),
+             "train": str(root / "demo" / "train.json"), "val": str(root / "demo" / "val.jsonl")}
+    paths["args"] = ["--model", paths["qwen"], "--trust-remote-code", "--data", paths["train"], *TINY_IMAGES,
+                     "--warmup-steps", "0", "--learning-rate", "1e-2", "--seed", "1"]
+    return paths
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def error_of(argv):
+    """Run main() expecting a user error; return its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_ds.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def qwen_processor(work):
+    return train_ds.load_processor(train_ds.parse_args(["--model", work["qwen"], "--trust-remote-code", *TINY_IMAGES]))
+
+
+# -----------------------------------------------------------------------------
+# labels
+
+def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
+    processor = qwen_processor(work)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                {"role": "user", "content": [{"type": "text", "text": "what shape?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]
+    batch = train_ds.encode([(messages, [str(tmp_path / "red.png")], "known sample")], processor)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    tokenizer = processor.tokenizer
+    # expected, derived independently: the tokens after each "<|im_start|>assistant\n" through its <|im_end|>
+    header = tokenizer("<|im_start|>assistant\n")["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for start in range(len(ids)):
+        if ids[start:start + len(header)] == header:
+            end = ids.index(im_end, start + len(header))
+            expected += list(range(start + len(header), end + 1))
+    kept = [i for i, label in enumerate(labels) if label != -100]
+    assert kept == expected and len(kept) > 0
+    assert all(labels[i] == ids[i] for i in kept)
+    assert tokenizer.decode([ids[i] for i in kept]) == "red<|im_end|>circle<|im_end|>"
+    image_positions = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    assert len(image_positions) == 4 and all(labels[i] == -100 for i in image_positions)  # 56x56 -> 2x2 merged patches
+
+
+def test_llava_labels_keep_the_reply_and_its_end_token(work, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (28, 28), "blue").save(tmp_path / "blue.png")
+    processor = train_ds.load_processor(train_ds.parse_args(["--model", work["llava"]]))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
+    batch = train_ds.encode([(messages, [str(tmp_path / "blue.png")], "known sample")], processor)
+    kept = batch["input_ids"][0][batch["labels"][0] != -100]
+    assert processor.tokenizer.decode(kept).strip() == "blue</s>"
+
+
+def test_text_only_batch_gets_a_masked_dummy_image_under_zero3(work):
+    processor = qwen_processor(work)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what colour is the sky"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
+    batch = train_ds.encode([(messages, [], "text only")], processor, dummy_image_size=56)
+    assert batch["input_ids"].shape[0] == 2 and "pixel_values" in batch
+    assert (batch["labels"][1] == -100).all() and (batch["labels"][0] != -100).any()
+
+
+def test_fully_masked_sample_warns_and_long_samples_can_be_skipped(work, capsys):
+    processor = qwen_processor(work)
+    records = [{"image": "images/00000.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour?"}]},
+               {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "one two three " * 20}]}]
+    args = train_ds.parse_args([*work["args"], "--max-length", "60", "--skip-long"])
+    samples = train_ds.load_samples(work["train"], records, processor, args)
+    out = capsys.readouterr().out
+    assert len(samples) == 1
+    assert "record 0" in out and "no assistant tokens" in out
+    assert "skipped 1 sample(s)" in out
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the problem, non-zero exit, nothing overwritten
+
+def write_data(tmp_path, records, name="bad.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+GOOD_IMAGE = "images/00000.png"
+BAD_DATA = {
+    "missing image": ([{"image": "images/nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "nope.png not found"),
+    "unreadable image": ([{"image": "broken.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "broken.png is unreadable"),
+    "placeholder count": ([{"image": [GOOD_IMAGE, GOOD_IMAGE], "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "1 <image> placeholder(s) but 2 image(s)"),
+    "empty conversation": ([{"image": GOOD_IMAGE, "conversations": []}], "empty conversation"),
+    "too long": ([{"images": [GOOD_IMAGE], "messages": [
+        {"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "one two three " * 60}]}],
+        "longer than --max-length 150"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_stops_with_one_line_naming_file_and_record(work, tmp_path, case):
+    records, expected = BAD_DATA[case]
+    data_dir = tmp_path / "data"
+    shutil.copytree(work["root"] / "demo" / "images", data_dir / "images")
+    (data_dir / "broken.png").write_bytes(b"not a png at all")
+    good = json.load(open(work["train"]))[:2]
+    path = write_data(data_dir, good + records)  # the bad record is record 2
+    output_dir = tmp_path / "out"
+    message = error_of([*work["args"], "--data", path, "--max-length", "150",
+                        "--no-deepspeed", "--use-lora", "--output-dir", str(output_dir)])
+    assert f"{path} record 2" in message and expected in message
+    assert not output_dir.exists()  # failed before writing anything
+
+
+def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
+    base = [*work["args"], "--output-dir", str(tmp_path / "out")]
+    no_template = write_no_template_copy(work["qwen"], str(tmp_path / "no-template"))
+    assert "no chat template" in error_of([*base, "--model", no_template, "--no-deepspeed"])
+    assert "not found" in error_of([*base, "--data", str(tmp_path / "missing.json"), "--no-deepspeed"])
+    assert "4-bit with ZeRO-3" not in error_of([*base, "--use-4bit", "--no-deepspeed"])  # needs --use-lora
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    assert "pip install bitsandbytes" in error_of([*base, "--use-4bit", "--use-lora", "--no-deepspeed"])
+    monkeypatch.undo()
+    zero3 = os.path.join(ROOT, "ds_config_zero3.json")
+    assert "ZeRO-3" in error_of([*base, "--use-4bit", "--use-lora", "--deepspeed", zero3])
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    assert "--resume" in error_of([*base, "--no-deepspeed", "--use-lora"])  # never trains over old results
+    assert "cannot load" in error_of([*base, "--no-deepspeed", "--use-lora", "--resume"])  # empty/corrupt checkpoint
+    assert os.listdir(tmp_path / "out") == ["checkpoint-3"]
+
+
+def test_cli_error_exits_nonzero_without_traceback(work, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ds.py"), "--no-deepspeed", "--data", str(bad),
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert result.stderr.startswith(f"error: {bad} is not valid JSON")
+
+
+# -----------------------------------------------------------------------------
+# training, resume, merge
+
+@pytest.fixture(scope="module")
+def lora_run(work):
+    output_dir = str(work["root"] / "lora")
+    args = [*work["args"], "--no-deepspeed", "--use-lora", "--batch-size", "2", "--max-steps", "8", "--save-steps", "4",
+            "--eval-data", work["val"]]
+    train_ds.main([*args, "--output-dir", output_dir])
+    return args, output_dir
+
+
+def test_lora_run_loss_falls_and_checkpoints_hold_everything(lora_run):
+    _, output_dir = lora_run
+    losses = [entry["loss"] for entry in read_log(output_dir)]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0] - 0.2, losses
+    entry = read_log(output_dir)[-1]
+    assert entry["samples_per_s"] > 0 and entry["tokens_per_s"] > 0 and entry["peak_memory_gib"] > 0
+    assert sorted(n for n in os.listdir(output_dir) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-8"]
+    files = set(os.listdir(os.path.join(output_dir, "checkpoint-8")))
+    assert {"adapter_model.safetensors", "adapter_config.json", "run_args.json", "tokenizer.json",
+            "processor_config.json", "trainer_state.pt", "rng_state_0.pt"} <= files
+    adapter = load_file(os.path.join(output_dir, "checkpoint-8", "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())
+    assert not any("visual" in name for name in adapter)  # the vision tower stays frozen
+
+
+def test_resume_continues_at_the_same_step_with_identical_losses(lora_run, tmp_path):
+    args, output_dir = lora_run
+    resumed_dir = str(tmp_path / "resumed")
+    shutil.copytree(output_dir, resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoint-8"))  # as if killed between the two saves
+    train_ds.main([*args, "--output-dir", resumed_dir, "--resume", "--keep-last", "1"])
+    original, resumed = read_log(output_dir), read_log(resumed_dir)
+    assert [e["step"] for e in resumed] == list(range(1, 9))
+    assert [e["loss"] for e in resumed[4:]] == [e["loss"] for e in original[4:]]  # bit-identical
+    assert sorted(n for n in os.listdir(resumed_dir) if "checkpoint" in n) == ["checkpoint-8"]  # keep_last 1
+
+
+def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    _, output_dir = lora_run
+    checkpoint = os.path.join(output_dir, "checkpoint-8")
+    train_ds.main(["--merge-lora", checkpoint])
+    processor = qwen_processor(work)
+    args = train_ds.parse_args(work["args"])
+    samples = train_ds.load_samples(work["train"], json.load(open(work["train"]))[:2], processor, args)
+    batch = train_ds.encode(samples, processor)
+    adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(work["qwen"]), checkpoint).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(checkpoint + "-merged").eval()
+    base = AutoModelForImageTextToText.from_pretrained(work["qwen"]).eval()
+    with torch.no_grad():
+        adapter_logits, merged_logits, base_logits = (m(**batch).logits for m in (adapter, merged, base))
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
+    assert (base_logits - adapter_logits).abs().max() > 1e-2  # the adapter did change something
+
+
+def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
+    import bitsandbytes as bnb
+    args = train_ds.parse_args([*work["args"], "--use-4bit", "--use-lora", "--no-deepspeed"])
+    model = train_ds.load_model(args, work["qwen"], torch.float32, torch.device("cpu"), zero3=False)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in n for n in quantized)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "visual" in n or "lm_head" in n)
+    output_dir = str(tmp_path / "qlora")
+    train_ds.main([*work["args"], "--use-4bit", "--use-lora", "--no-deepspeed", "--max-steps", "2",
+                   "--output-dir", output_dir])
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in read_log(output_dir))
+    assert load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
+
+
+def test_llava_trains_on_messages_format_with_projector_saved(work, tmp_path):
+    output_dir = str(tmp_path / "llava")
+    train_ds.main(["--model", work["llava"], "--data", work["val"], "--no-deepspeed", "--use-lora",
+                   "--modules-to-save", "multi_modal_projector", "--max-steps", "2", "--output-dir", output_dir])
+    adapter = load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
+    assert any("multi_modal_projector" in name for name in adapter) and any("lora_A" in name for name in adapter)
+
+
+def test_benchmark_measures_a_random_init_model_from_its_config(work, tmp_path, capsys):
+    folder = write_qwen2_vl(str(tmp_path / "config-only"), weights=False)
+    assert not any(name.endswith(".safetensors") for name in os.listdir(folder))
+    train_ds.main(["--model", folder, "--trust-remote-code", "--random-init", "--benchmark", "--no-deepspeed",
+                   "--use-lora", "--max-steps", "3", "--benchmark-image-size", "56", "--benchmark-text-words", "20",
+                   *TINY_IMAGES, "--output-dir", str(tmp_path / "bench")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["samples_per_s"] > 0 and result["tokens_per_s"] > 0 and result["peak_memory_gib"] > 0
+
+
+# -----------------------------------------------------------------------------
+# DeepSpeed: two CPU processes over gloo
+
+def deepspeed_run(work, output_dir, extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on a small CPU: oversubscribed threads crawl
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))  # op built once
+    command = ["deepspeed", "--num_gpus=2", "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_ds.py"),
+               *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=420, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_log(output_dir)
+
+
+def test_deepspeed_zero2_two_processes_loss_falls(work, tmp_path):
+    output_dir = str(tmp_path / "zero2")
+    log = deepspeed_run(work, output_dir, ["--max-steps", "6", "--save-steps", "6"])
+    losses = [entry["loss"] for entry in log]
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
+    files = os.listdir(os.path.join(output_dir, "checkpoint-6"))
+    assert {"rng_state_0.pt", "rng_state_1.pt", "deepspeed", "adapter_model.safetensors"} <= set(files)
+
+
+def test_deepspeed_zero3_text_only_samples_run_and_adapter_is_not_empty(work, tmp_path):
+    records = json.load(open(work["train"]))
+    for i in range(0, len(records), 2):  # half the samples carry no image
+        records[i] = {"conversations": [{"from": "human", "value": "what colour is the sky"}, {"from": "gpt", "value": "blue"}]}
+    data = write_data(work["root"] / "demo", records, "mixed.json")
+    output_dir = str(tmp_path / "zero3")
+    deepspeed_run(work, output_dir, ["--data", data, "--max-steps", "4", "--save-steps", "4",
+                                     "--deepspeed", os.path.join(ROOT, "ds_config_zero3.json")])
+    adapter = load_file(os.path.join(output_dir, "checkpoint-4", "adapter_model.safetensors"))
+    lora_a = [t for name, t in adapter.items() if "lora_A" in name]
+    assert lora_a and all(t.shape[0] == 16 and t.shape[1] > 0 and t.abs().sum() > 0 for t in lora_a)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
+    output_dir = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), *work["args"], "--no-deepspeed",
+                                "--use-lora", "--max-steps", "1000", "--save-steps", "1000", "--output-dir", str(output_dir)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    for line in process.stdout:
+        if line.startswith("step 2/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "stopped by a signal" in output
+    steps = train_ds.checkpoint_steps(str(output_dir))
+    assert len(steps) == 1 and 2 <= steps[0] < 1000
+    assert [e["step"] for e in read_log(str(output_dir))] == list(range(1, steps[0] + 1))

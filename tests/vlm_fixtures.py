@@ -1,0 +1,160 @@
+"""
+Tiny random vision-language models for the tests (and the benchmark), written to a folder so
+train_ds.py loads them through its normal `--model <folder>` path, with no downloads:
+a byte-level BPE tokenizer trained on a few words, a chat template, the model's own processor
+and a random-weight model built from a config.
+
+    python tests/vlm_fixtures.py qwen2-vl-tiny /tmp/tiny-qwen2vl
+    python tests/vlm_fixtures.py qwen2-vl-2b /tmp/qwen2vl-2b --no-weights   # for --random-init
+
+Qwen2-VL's stock processor also builds a video processor, which needs torchvision; where
+torchvision is missing we save a small image-only subclass as remote code (auto_map), so the
+folder needs `--trust-remote-code`.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ("what colour is the shape what does the word say how many shapes are there red green blue "
+         "yellow purple orange black white circle square triangle star it says hello stage guitar "
+         "drum song one two three four describe the image a an on of and with")
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+REMOTE_PROCESSOR = '''
+from transformers import ProcessorMixin, Qwen2VLProcessor
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+'''
+
+
+def train_tokenizer(special_tokens, eos_token, pad_token, vocab_size=400):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([WORDS] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token)
+
+
+def write_qwen2_vl(folder, size="tiny", weights=True):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = train_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    if size == "tiny":
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer),
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)
+    else:  # Qwen2-VL-2B's architecture (random weights; the tokenizer only covers the first few ids)
+        text = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        pixels = dict(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)  # as in Qwen2-VL-2B
+    config.text_config.pad_token_id = ids["<|endoftext|>"]
+    config.text_config.eos_token_id = ids["<|im_end|>"]
+    config.text_config.bos_token_id = None
+    image_processor = Qwen2VLImageProcessorPil(**pixels)
+    code_folder = tempfile.mkdtemp()  # save_pretrained copies the class's source file into `folder`
+    with open(os.path.join(code_folder, "image_only_processor.py"), "w") as f:
+        f.write(REMOTE_PROCESSOR)
+    sys.path.insert(0, code_folder)
+    try:
+        from image_only_processor import ImageOnlyQwen2VLProcessor
+    finally:
+        sys.path.remove(code_folder)
+    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                          chat_template=QWEN_TEMPLATE)
+    processor.register_for_auto_class("AutoProcessor")
+    processor.save_pretrained(folder)
+    save_config_or_model(folder, config, Qwen2VLForConditionalGeneration, weights)
+    return folder
+
+
+def write_llava(folder, weights=True):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    tokenizer = train_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], eos_token="</s>", pad_token="<pad>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_TEMPLATE)
+    processor.save_pretrained(folder)
+    save_config_or_model(folder, config, LlavaForConditionalGeneration, weights)
+    return folder
+
+
+def save_config_or_model(folder, config, model_class, weights):
+    if not weights:  # train_ds.py --random-init builds the model from this config alone
+        config.save_pretrained(folder)
+        return
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+
+
+def write_no_template_copy(source, folder):
+    """A copy of a model folder whose processor and tokenizer have no chat template."""
+    import shutil
+    shutil.copytree(source, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    return folder
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="write a random-weight VLM folder for tests or benchmarks")
+    parser.add_argument("arch", choices=["qwen2-vl-tiny", "qwen2-vl-2b", "llava-tiny"])
+    parser.add_argument("folder")
+    parser.add_argument("--no-weights", action="store_true", help="config + processor only (for --random-init)")
+    args = parser.parse_args()
+    if args.arch == "llava-tiny":
+        write_llava(args.folder, weights=not args.no_weights)
+    else:
+        write_qwen2_vl(args.folder, size=args.arch.split("-")[-1], weights=not args.no_weights)
+    print(f"wrote {args.arch} to {args.folder}")
