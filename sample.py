@@ -107,6 +107,9 @@ if start.startswith('FILE:'):
 start_ids = encode(start)
 if not start_ids:
     sys.exit("error: the prompt is empty: give --start=TEXT (a newline works for char models)")
+if max(start_ids) >= model.config.vocab_size:
+    sys.exit(f"error: the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
+             "this model was not trained with GPT-2's tokenizer")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 # run generation

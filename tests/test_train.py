@@ -35,6 +35,17 @@ def test_sample_from_a_fresh_checkpoint(char_data, tmp_path):
     assert all(len(s.split('---------------')[0]) == 40 + 1 for s in samples)  # 40 chars and print's newline
 
 
+def test_sample_from_a_hugging_face_folder_with_a_file_prompt(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64)).save_pretrained(tmp_path / 'hf')
+    (tmp_path / 'prompt.txt').write_text('To be, or not to be')
+    r = run_script('sample.py', f'--init_from={tmp_path / "hf"}', f'--start=FILE:{tmp_path / "prompt.txt"}',
+                   '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    assert 'No meta.pkl found, assuming GPT-2 encodings' in r.stdout
+    assert r.stdout.split('encodings...\n')[1].startswith('To be, or not to be')
+
+
 def test_two_ddp_processes_train_like_one_with_the_same_global_batch(char_data, tmp_path):
     args = [*TINY, f'--dataset={char_data}', '--max_iters=8', '--eval_interval=4', '--gradient_accumulation_steps=4']
     single = run_script('train.py', *args, f'--out_dir={tmp_path / "single"}')
