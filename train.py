@@ -194,7 +194,6 @@ iter_num = 0
 best_val_loss = float('inf')
 evals_without_improvement = 0
 checkpoint = None
-model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout)
 if init_from == 'scratch':
@@ -222,6 +221,8 @@ elif init_from == 'resume':
     model = GPT(GPTConfig(**model_args))
     # nanoGPT's compiled checkpoints prefix keys with '_orig_mod.'; accept them too
     model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
+    block_size = model_args['block_size']  # the checkpoint's, unless given
+    tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
