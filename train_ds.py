@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a NaN/inf loss (each one is skipped)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true")
     precision.add_argument("--fp16", action="store_true")
@@ -393,11 +395,20 @@ def checkpoint_steps(folder):
     return sorted(found)
 
 
+def discard_checkpoint(path):
+    # rename, then delete: a kill halfway leaves a .tmp folder (removed at the next save), never half a checkpoint
+    trash = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path) + "-old")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
 def save_checkpoint(step, model, engine, optimizer, scaler, processor, args, zero3):
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     if RANK == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+        for name in os.listdir(args.output_dir):  # left over from a killed run
+            if name.startswith(".tmp-checkpoint-"):
+                shutil.rmtree(os.path.join(args.output_dir, name))
         os.makedirs(tmp)
     barrier()
     trainable = gathered_state_dict(model, zero3, trainable_only=True)
@@ -423,12 +434,12 @@ def save_checkpoint(step, model, engine, optimizer, scaler, processor, args, zer
                 with open(os.path.join(root, name), "rb+") as f:
                     os.fsync(f.fileno())
             fsync_dir(root)
-        if os.path.exists(final):  # re-saving a step we resumed from
-            shutil.rmtree(final)
+        if os.path.exists(final):  # re-saving a step (resumed from an older checkpoint)
+            discard_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(args.output_dir)
         for old in checkpoint_steps(args.output_dir)[: -args.keep_last]:
-            shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+            discard_checkpoint(os.path.join(args.output_dir, f"checkpoint-{old}"))
         log(f"saved {final}")
     barrier()
 
@@ -652,10 +663,11 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if RANK == 0 and os.path.exists(log_path) and not args.benchmark:  # drop lines of steps after the checkpoint
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(log_path, "w") as f:
+        with open(log_path) as f:  # and a last line cut short by a kill
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
+        with open(log_path + ".tmp", "w") as f:  # a kill while rewriting must not lose the older lines
             f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
     wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
         if args.wandb and RANK == 0 else None
 
@@ -665,6 +677,7 @@ def main(argv=None):
                          for sig in (signal.SIGTERM, signal.SIGINT)}
     forward.train()
     step_times, step_tokens = [], []
+    nonfinite_in_a_row = nonfinite_total = 0
     for step in range(start_step, max_steps):
         lr = get_lr(step)
         for group in optimizer.param_groups:
@@ -679,21 +692,27 @@ def main(argv=None):
             with autocast:
                 loss = forward(**batch).loss
             if engine is not None:
-                engine.backward(loss)  # DeepSpeed scales by 1/accumulation and steps at the boundary
+                # DeepSpeed scales by 1/accumulation and steps at the boundary; ZeRO (stages 1-3) skips
+                # the update and clears the gradients when their norm is not finite (was_step_applied())
+                engine.backward(loss)
                 engine.step()
             else:
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             loss_sum += loss.item() / args.gradient_accumulation_steps
+        loss_mean = mean_over_ranks(loss_sum)  # NaN/inf on any rank makes it so on every rank: one decision
+        finite = math.isfinite(loss_mean)
         if engine is None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-            scaler.step(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            finite = finite and (math.isfinite(grad_norm) or scaler.is_enabled())  # fp16: the scaler skips overflows
+            if finite:
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.time() - t0
-        loss_mean, tokens_all = mean_over_ranks(loss_sum), mean_over_ranks(tokens) * WORLD_SIZE
+        tokens_all = mean_over_ranks(tokens) * WORLD_SIZE
         step_times.append(elapsed)
         step_tokens.append(tokens_all)
         done = step + 1
@@ -707,8 +726,18 @@ def main(argv=None):
                     f.write(json.dumps(metrics) + "\n")
             if wandb_run:
                 wandb_run.log(metrics, step=done)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        nonfinite_total += not finite
+        if not finite:
+            log(f"step {done}: loss not finite, step skipped ({nonfinite_in_a_row} in a row)")
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            saved = checkpoint_steps(args.output_dir)
+            fail(f"loss was not finite for {nonfinite_in_a_row} steps in a row (last at step {done}): lower "
+                 f"--learning-rate, or use --bf16 instead of --fp16; the last checkpoint "
+                 f"({f'checkpoint-{saved[-1]}' if saved else 'none saved yet'}) is untouched")
         stopping = mean_over_ranks(len(stop_signals)) > 0  # every rank must take the same decision
-        if not args.benchmark and (done % args.save_steps == 0 or done == max_steps or stopping):
+        # no save while the loss is not finite: the weights may be ruined, the last good checkpoint stays
+        if not args.benchmark and not nonfinite_in_a_row and (done % args.save_steps == 0 or done == max_steps or stopping):
             if eval_samples and not stopping:
                 eval_loss = estimate_eval_loss()
                 log(f"step {done} | eval loss {eval_loss:.4f}")
@@ -720,6 +749,8 @@ def main(argv=None):
             break
     for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
+    if nonfinite_total:
+        log(f"{nonfinite_total} step(s) skipped for a non-finite loss")
 
     if args.benchmark:  # median over the steps after a warm-up step or two
         measured = slice(min(2, len(step_times) - 1), None)

@@ -1,14 +1,18 @@
 """
 train_ds.py on the CPU with tiny random Qwen2-VL and LLaVA models (see vlm_fixtures.py), loaded
 through the script's normal --model path. Most runs call train_ds.main() in this process (a
-fresh Python costs ~15 s of imports); the DeepSpeed runs and one error check use real processes.
+fresh Python costs ~10 s of imports); the DeepSpeed runs, the kill and signal tests and one error
+check use real processes.
 """
+import glob
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -321,3 +325,101 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
     steps = train_ds.checkpoint_steps(str(output_dir))
     assert len(steps) == 1 and 2 <= steps[0] < 1000
     assert [e["step"] for e in read_log(str(output_dir))] == list(range(1, steps[0] + 1))
+
+
+# -----------------------------------------------------------------------------
+# interruptions: a diverging loss, kill -9 at any moment, a dying rank
+
+def wait_for(condition, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(lora_run, tmp_path, capsys):
+    args, output_dir = lora_run
+    diverging = str(tmp_path / "diverging")
+    shutil.copytree(output_dir, diverging)
+    checkpoint = os.path.join(diverging, "checkpoint-8")
+    before = {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)}
+    # step 9 applies a 1e30 update; from step 10 the loss is NaN; step 12 would be a save
+    message = error_of([*args, "--output-dir", diverging, "--resume", "--learning-rate", "1e30", "--max-steps", "50",
+                        "--max-nonfinite-steps", "4"])
+    assert "step 10: loss not finite, step skipped (1 in a row)" in capsys.readouterr().out
+    assert message.startswith("error: loss was not finite for 4 steps in a row (last at step 13)")
+    assert "lower --learning-rate" in message and "--bf16" in message and "(checkpoint-8) is untouched" in message
+    assert train_ds.checkpoint_steps(diverging) == [4, 8]
+    assert {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)} == before
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_path):
+    args = [*work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "48", "--save-steps", "4"]
+    reference = str(tmp_path / "reference")
+    train_ds.main([*args, "--output-dir", reference])  # in this process: no second import of transformers
+    output_dir = str(tmp_path / "killed")
+    output = tmp_path / "output.txt"
+
+    def temp_folders():  # saves under way, or cut short by a kill: (path, time written)
+        found = set()
+        for path in glob.glob(os.path.join(output_dir, ".tmp-checkpoint-*")):
+            try:
+                found.add((path, os.stat(path).st_mtime_ns))
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return found
+
+    rng = random.Random(0)
+    kills = kills_in_save = 0
+    while kills < 5:  # each start costs ~10 s of imports: few kills, each one after the resume has loaded
+        saved = train_ds.checkpoint_steps(output_dir)
+        stale = temp_folders()
+        with open(output, "w") as f:
+            process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), *args, "--output-dir", output_dir,
+                                        *(["--resume"] if saved else [])], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        # kill a random number of steps after the checkpoint (at a random moment within a step), or inside a save
+        target = (saved[-1] if saved else 0) + (1 if kills % 2 else rng.randint(1, 8))
+        assert wait_for(lambda: f"step {target}/" in output.read_text() or process.poll() is not None, 180)
+        if kills % 2:
+            kills_in_save += wait_for(lambda: temp_folders() - stale or process.poll() is not None, 60) and process.poll() is None
+        else:
+            time.sleep(rng.uniform(0, 0.05))
+        if process.poll() is not None:
+            break  # finished (or failed) before we could kill it
+        process.kill()
+        process.wait()
+        assert "error:" not in output.read_text() and "Traceback" not in output.read_text(), output.read_text()
+        kills += 1
+    assert kills == 5 and kills_in_save >= 2, (kills, kills_in_save, output.read_text())
+    # what a crash can also leave: a log line cut short (power loss, full disk) and a save no later step redoes
+    with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+        f.write('{"step": 9')
+    os.makedirs(os.path.join(output_dir, ".tmp-checkpoint-999"))
+    train_ds.main([*args, "--output-dir", output_dir, "--resume"])
+    assert train_ds.checkpoint_steps(output_dir)[-1] == 48
+    assert not glob.glob(os.path.join(output_dir, ".tmp*"))
+    # the same steps and losses, bit for bit, as the run that was never interrupted
+    assert [(e["step"], e["loss"]) for e in read_log(output_dir)] == [(e["step"], e["loss"]) for e in read_log(reference)]
+
+
+def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
+    output_dir = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train_ds.py"), *work["args"], "--use-lora", "--max-steps", "100000",
+               "--save-steps", "100000", "--output-dir", str(output_dir)]
+    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        log_path = output_dir / "log.jsonl"
+        assert wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") >= 2, 180)
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        assert process.wait(timeout=90) != 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers
