@@ -42,6 +42,17 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def wait_for(condition, timeout):
+    """Poll condition() every millisecond until it holds (True) or timeout seconds pass (False)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory):
     """The first 100K characters of tiny Shakespeare as a char-level dataset folder."""

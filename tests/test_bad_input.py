@@ -131,3 +131,18 @@ def test_out_dir_not_writable(char_data, tmp_path):
 def test_sample_without_a_checkpoint(tmp_path):
     r = run_script('sample.py', f'--out_dir={tmp_path}')
     assert_one_line_error(r, 'no checkpoint at')
+
+
+def test_bfloat16_on_a_gpu_without_it(char_data, tmp_path):
+    # pretend to be a pre-Ampere GPU (a T4): train.py must refuse bf16 before touching the device
+    fake = tmp_path / 'fake_gpu'
+    fake.mkdir()
+    (fake / 'sitecustomize.py').write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.is_bf16_supported = lambda *a, **k: False\n"
+        "torch.cuda.get_device_name = lambda *a, **k: 'Tesla T4'\n")
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path / "out"}', '--device=cuda',
+                   '--dtype=bfloat16', env=dict(PYTHONPATH=str(fake)))
+    assert_one_line_error(r, 'Tesla T4 has no bfloat16: use --dtype=float16')
+    assert not (tmp_path / 'out').exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ENV, REPO, TINY, read_log, run_script
+from conftest import ENV, REPO, TINY, read_log, run_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
 KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
@@ -27,15 +27,6 @@ def start_train(*args):
 
 def mtime(path):
     return path.stat().st_mtime_ns if path.exists() else None
-
-
-def wait_for(condition, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return False
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ds  # noqa: E402
+from conftest import read_log, wait_for  # noqa: E402
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl  # noqa: E402
 
 TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
@@ -37,11 +38,6 @@ def work(tmp_path_factory):
     paths["args"] = ["--model", paths["qwen"], "--trust-remote-code", "--data", paths["train"], *TINY_IMAGES,
                      "--warmup-steps", "0", "--learning-rate", "1e-2", "--seed", "1"]
     return paths
-
-
-def read_log(output_dir):
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def error_of(argv):
@@ -329,15 +325,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
 
 # -----------------------------------------------------------------------------
 # interruptions: a diverging loss, kill -9 at any moment, a dying rank
-
-def wait_for(condition, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return False
-
 
 def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(lora_run, tmp_path, capsys):
     args, output_dir = lora_run
