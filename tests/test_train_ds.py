@@ -262,6 +262,18 @@ def test_llava_trains_on_messages_format_with_projector_saved(work, tmp_path):
     assert any("multi_modal_projector" in name for name in adapter) and any("lora_A" in name for name in adapter)
 
 
+def test_qwen2_5_vl_trains_with_lora(work, tmp_path):
+    folder = write_qwen2_vl(str(tmp_path / "qwen2.5"), version="2.5")
+    output_dir = str(tmp_path / "out")
+    train_ds.main([*work["args"], "--model", folder, "--no-deepspeed", "--use-lora", "--max-steps", "6",
+                   "--save-steps", "6", "--output-dir", output_dir])
+    losses = [entry["loss"] for entry in read_log(output_dir)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    adapter = load_file(os.path.join(output_dir, "checkpoint-6", "adapter_model.safetensors"))
+    lora = [name for name in adapter if "lora_" in name]
+    assert lora and all("language_model" in name and "visual" not in name for name in lora)  # vision tower frozen
+
+
 def test_benchmark_measures_a_random_init_model_from_its_config(work, tmp_path, capsys):
     folder = write_qwen2_vl(str(tmp_path / "config-only"), weights=False)
     assert not any(name.endswith(".safetensors") for name in os.listdir(folder))

@@ -41,11 +41,11 @@ LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 REMOTE_PROCESSOR = '''
-from transformers import ProcessorMixin, Qwen2VLProcessor
+from transformers import ProcessorMixin, {base}
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video processor (which needs torchvision)."""
+class ImageOnlyProcessor({base}):
+    """The Qwen-VL processor without its video processor (which needs torchvision)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -65,9 +65,12 @@ def train_tokenizer(special_tokens, eos_token, pad_token, vocab_size=400):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token)
 
 
-def write_qwen2_vl(folder, size="tiny", weights=True):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
+    """Qwen2-VL (version "2") or Qwen2.5-VL (version "2.5"): same tokens, template and image processor."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    prefix = "Qwen2VL" if version == "2" else "Qwen2_5_VL"
+    config_class, model_class = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForConditionalGeneration")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     tokenizer = train_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -78,6 +81,10 @@ def write_qwen2_vl(folder, size="tiny", weights=True):
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
+        if version == "2.5":  # windowed attention, a gated MLP and its own output width
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                          window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                          temporal_patch_size=2)
         pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)
     else:  # Qwen2-VL-2B's architecture (random weights; the tokenizer only covers the first few ids)
         text = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -86,7 +93,7 @@ def write_qwen2_vl(folder, size="tiny", weights=True):
         vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         pixels = dict(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+    config = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)  # as in Qwen2-VL-2B
     config.text_config.pad_token_id = ids["<|endoftext|>"]
@@ -95,17 +102,18 @@ def write_qwen2_vl(folder, size="tiny", weights=True):
     image_processor = Qwen2VLImageProcessorPil(**pixels)
     code_folder = tempfile.mkdtemp()  # save_pretrained copies the class's source file into `folder`
     with open(os.path.join(code_folder, "image_only_processor.py"), "w") as f:
-        f.write(REMOTE_PROCESSOR)
+        f.write(REMOTE_PROCESSOR.format(base=prefix + "Processor"))
     sys.path.insert(0, code_folder)
+    sys.modules.pop("image_only_processor", None)  # an earlier call may have imported another base class
     try:
-        from image_only_processor import ImageOnlyQwen2VLProcessor
+        from image_only_processor import ImageOnlyProcessor
     finally:
         sys.path.remove(code_folder)
-    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=QWEN_TEMPLATE)
     processor.register_for_auto_class("AutoProcessor")
     processor.save_pretrained(folder)
-    save_config_or_model(folder, config, Qwen2VLForConditionalGeneration, weights)
+    save_config_or_model(folder, config, model_class, weights)
     return folder
 
 
@@ -149,12 +157,13 @@ def write_no_template_copy(source, folder):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="write a random-weight VLM folder for tests or benchmarks")
-    parser.add_argument("arch", choices=["qwen2-vl-tiny", "qwen2-vl-2b", "llava-tiny"])
+    parser.add_argument("arch", choices=["qwen2-vl-tiny", "qwen2-vl-2b", "qwen2.5-vl-tiny", "llava-tiny"])
     parser.add_argument("folder")
     parser.add_argument("--no-weights", action="store_true", help="config + processor only (for --random-init)")
     args = parser.parse_args()
     if args.arch == "llava-tiny":
         write_llava(args.folder, weights=not args.no_weights)
     else:
-        write_qwen2_vl(args.folder, size=args.arch.split("-")[-1], weights=not args.no_weights)
+        write_qwen2_vl(args.folder, size=args.arch.split("-")[-1], weights=not args.no_weights,
+                       version="2.5" if args.arch.startswith("qwen2.5") else "2")
     print(f"wrote {args.arch} to {args.folder}")
