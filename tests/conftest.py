@@ -42,6 +42,16 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def kill_one_torchrun_worker(proc, timeout=90):
+    """kill -9 one of torchrun's two worker processes; return torchrun's exit code."""
+    import signal
+    with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    return proc.wait(timeout=timeout)
+
+
 def wait_for(condition, timeout):
     """Poll condition() every millisecond until it holds (True) or timeout seconds pass (False)."""
     import time

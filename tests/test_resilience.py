@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ENV, REPO, TINY, read_log, run_script, wait_for
+from conftest import ENV, REPO, TINY, kill_one_torchrun_worker, read_log, run_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
 KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
@@ -103,11 +103,7 @@ def test_a_dying_ddp_rank_ends_the_whole_job(char_data, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out)) >= 3, 120)
-        with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
-            workers = [int(pid) for pid in f.read().split()]
-        assert len(workers) == 2
-        os.kill(workers[1], signal.SIGKILL)
-        assert proc.wait(timeout=90) != 0
+        assert kill_one_torchrun_worker(proc) != 0
     finally:
         proc.kill()
 

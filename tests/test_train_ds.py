@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_ds  # noqa: E402
-from conftest import read_log, wait_for  # noqa: E402
+from conftest import kill_one_torchrun_worker, read_log, wait_for  # noqa: E402
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl  # noqa: E402
 
 TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
@@ -414,11 +414,7 @@ def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
     try:
         log_path = output_dir / "log.jsonl"
         assert wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") >= 2, 180)
-        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
-            workers = [int(pid) for pid in f.read().split()]
-        assert len(workers) == 2
-        os.kill(workers[1], signal.SIGKILL)
-        assert process.wait(timeout=90) != 0
+        assert kill_one_torchrun_worker(process) != 0
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers
