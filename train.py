@@ -334,13 +334,13 @@ def log_json(record):
         f.write(json.dumps(record) + '\n')
 
 
-def trim_log(resume_iter):
+def trim_log(resume_iter, keep_eval):
     # drop lines a killed run wrote after its last checkpoint: the resumed run writes them again
     if not os.path.exists(log_path):
         return
     with open(log_path) as f:
         records = [json.loads(line) for line in f if line.strip().endswith('}')]
-    kept = [r for r in records if r['iter'] < resume_iter or (r['iter'] == resume_iter and 'val_loss' in r)]
+    kept = [r for r in records if r['iter'] < resume_iter or (r['iter'] == resume_iter and 'val_loss' in r and keep_eval)]
     with open(log_path + '.tmp', 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in kept)
     os.replace(log_path + '.tmp', log_path)
@@ -370,6 +370,7 @@ def save_checkpoint(is_best):
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'evals_without_improvement': evals_without_improvement,
+        'last_eval_iter': last_eval_iter,
         'config': config,
         'rng': rng_states,
     }
@@ -414,15 +415,16 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
+# a checkpoint written right after an eval should not repeat it; one written on a signal may not have had it
+last_eval_iter = checkpoint.get('last_eval_iter') if checkpoint is not None else None
 # logging
 if master_process:
     if checkpoint is not None:
-        trim_log(iter_num)
+        trim_log(iter_num, keep_eval=last_eval_iter == iter_num)
     elif os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     if wandb_log:
         utils.init_wandb(wandb_project, wandb_run_name, config)
-resumed_at = iter_num if checkpoint is not None else None
 checkpoint = None  # free up memory
 
 # training loop
@@ -445,9 +447,10 @@ while True:
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    # evaluate the loss on train/val sets and write checkpoints (not again right after a resume)
-    if iter_num % eval_interval == 0 and iter_num != resumed_at:
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0 and iter_num != last_eval_iter:
         losses = estimate_loss()
+        last_eval_iter = iter_num
         improved = losses['val'] < best_val_loss
         if improved:
             best_val_loss = losses['val']

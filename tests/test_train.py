@@ -74,6 +74,22 @@ def test_resume_continues_bit_identically(char_data, tmp_path):
     assert len(full) == 12 - 7 + 2 and full == split  # iters 7..11 and evals at 9 and 12, exactly equal
 
 
+def test_resume_runs_an_eval_the_checkpoint_was_saved_before(char_data, tmp_path):
+    # a checkpoint saved on a signal at an eval iteration has not had that eval yet
+    args = [*TINY, f'--dataset={char_data}', '--eval_interval=3', '--max_iters=9']
+    assert run_script('train.py', *args, f'--out_dir={tmp_path / "full"}').returncode == 0
+    split = tmp_path / 'split'
+    assert run_script('train.py', *args, f'--out_dir={split}', '--max_iters=6').returncode == 0
+    ckpt = torch.load(split / 'ckpt.pt', weights_only=True)
+    ckpt['last_eval_iter'] = 3  # as if saved just before the eval at 6, which the log then lacks too
+    torch.save(ckpt, split / 'ckpt.pt')
+    log = (split / 'log.jsonl').read_text().splitlines(keepends=True)
+    assert 'val_loss' in log[-1]
+    (split / 'log.jsonl').write_text(''.join(log[:-1]))
+    assert run_script('train.py', *args, f'--out_dir={split}', '--init_from=resume').returncode == 0
+    assert losses_after(tmp_path / 'full', 0) == losses_after(split, 0)  # the eval at 6 once, same values
+
+
 def test_resume_under_ddp_continues_bit_identically(char_data, tmp_path):
     args = [*TINY, f'--dataset={char_data}', '--eval_interval=3', '--dropout=0.1', '--max_iters=8']
     assert torchrun(*args, f'--out_dir={tmp_path / "full"}').returncode == 0
