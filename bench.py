@@ -12,18 +12,21 @@ iterations (compilation included) are not timed; the result is the median of the
 MFU is against the GPU's dense bf16 peak from hardware.py ("n/a" on a CPU). Peak memory is
 torch.cuda.max_memory_allocated on CUDA and the process's max RSS on a CPU.
 """
-import datetime
+import signal
+import sys
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
+import datetime  # noqa: E402
 import json
 import os
 import resource
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
 import plan
+import utils
 from configurator import ConfigError, configure, read_defaults
 from model import GPT, GPTConfig
 
@@ -32,20 +35,13 @@ config.update(bench_warmup=3, bench_iters=10)  # untimed iterations, then timed 
 try:
     configure(sys.argv[1:], config)
 except ConfigError as e:
-    sys.exit(f"error: {e}")
-if config["bench_iters"] < 1 or config["bench_warmup"] < 0:
-    sys.exit("error: bench_iters must be >= 1 and bench_warmup >= 0")
+    utils.fail(str(e))
+utils.check_train_settings(config)
+utils.check_ranges(config, {"bench_warmup": "[0, inf)", "bench_iters": "[1, inf)"})
 
 # -----------------------------------------------------------------------------
-device = config["device"]
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-device_type = "cuda" if "cuda" in device else "mps" if "mps" in device else "cpu"
-dtype = config["dtype"]
-if dtype == "auto":
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-if dtype not in ("float32", "bfloat16", "float16"):
-    sys.exit(f"error: dtype='{dtype}' is unknown: use float32, bfloat16 or float16")
+device, device_type = utils.resolve_device(config["device"])
+dtype = utils.resolve_dtype(config["dtype"], device_type)
 torch.manual_seed(config["seed"])
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -61,9 +57,7 @@ with open(os.devnull, "w") as quiet, torch.no_grad():  # configure_optimizers pr
         optimizer = model.configure_optimizers(config["weight_decay"], config["learning_rate"],
                                                (config["beta1"], config["beta2"]), device_type, config["optimizer"])
     except ImportError:
-        sys.exit("error: optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        utils.fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
     finally:
         sys.stdout = stdout
 step_model = torch.compile(model) if config["compile"] else model

@@ -43,8 +43,11 @@ def apply_file(path, config):
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found (settings go as --key=value, files as a path)")
     print(f"Overriding config with {path}:")
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: save it as UTF-8") from None
     print(source)
     namespace = dict(config)
     try:

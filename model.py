@@ -3,6 +3,7 @@ A GPT-2 language model in one file.
 References: OpenAI's GPT-2 TensorFlow code and Hugging Face's GPT2LMHeadModel, whose weights
 load here unchanged (tests/test_model.py checks the logits match).
 """
+import dataclasses
 import inspect
 import json
 import math
@@ -162,8 +163,27 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
+    def from_checkpoint(cls, checkpoint, dropout=0.0):
+        """The model in a train.py checkpoint (nanoGPT's too: its compiled runs prefix keys with
+        '_orig_mod.'). Raises ValueError when the checkpoint does not hold a GPT."""
+        args, state = checkpoint.get("model_args"), checkpoint.get("model")
+        fields = {f.name for f in dataclasses.fields(GPTConfig)}
+        sizes = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+        if not isinstance(args, dict) or not isinstance(state, dict) or not set(args) <= fields \
+                or not all(isinstance(args.get(k), int) and args[k] > 0 for k in sizes) \
+                or args["n_embd"] % args["n_head"]:
+            raise ValueError("it holds no GPT: 'model_args' or 'model' is missing or malformed")
+        model = cls(GPTConfig(**dict(args, dropout=dropout)))
+        try:
+            model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+        except RuntimeError as e:
+            raise ValueError(f"its weights do not fit its model_args ({str(e).splitlines()[-1].strip()})") from None
+        return model
+
+    @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
-        """GPT-2 weights from the Hugging Face hub (gpt2 ... gpt2-xl) or a local HF GPT-2 folder."""
+        """GPT-2 weights from the Hugging Face hub (gpt2 ... gpt2-xl) or a local HF GPT-2 folder.
+        Raises ValueError, naming the problem, when they cannot be loaded."""
         override_args = override_args or {}
         assert set(override_args) <= {"dropout"}, "only dropout can be overridden"
         is_folder = os.path.isdir(name_or_path)
@@ -171,23 +191,37 @@ class GPT(nn.Module):
             raise ValueError(f"unknown model '{name_or_path}': use one of {', '.join(PRETRAINED)} "
                              "or a folder holding a Hugging Face GPT-2 checkpoint (config.json + weights)")
         if is_folder:
-            config_path = os.path.join(name_or_path, "config.json")
-            if not os.path.exists(config_path):
-                raise ValueError(f"{name_or_path} has no config.json: it is not a Hugging Face checkpoint folder")
-            with open(config_path) as f:
-                hf = json.load(f)
-            config_args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                               vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+            config_args = cls.hf_config_args(name_or_path)
         else:
             config_args = dict(PRETRAINED[name_or_path], vocab_size=50257, block_size=1024)
         config_args.update(bias=True, dropout=override_args.get("dropout", 0.0))
         print(f"loading weights from {name_or_path}: " + ", ".join(f"{k}={v}" for k, v in config_args.items()))
 
         from transformers import GPT2LMHeadModel
-        hf_state = GPT2LMHeadModel.from_pretrained(name_or_path).state_dict()
+        try:
+            hf_state = GPT2LMHeadModel.from_pretrained(name_or_path).state_dict()
+        except Exception as e:  # files from elsewhere (or a download): whatever breaks, it is their fault
+            raise ValueError(f"cannot load its weights ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
         model = GPT(GPTConfig(**config_args))
         model.load_hf_state_dict(hf_state)
         return model
+
+    @staticmethod
+    def hf_config_args(folder):
+        """GPTConfig fields from a Hugging Face GPT-2 folder's config.json."""
+        path = os.path.join(folder, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+        except FileNotFoundError:
+            raise ValueError(f"{folder} has no config.json: it is not a Hugging Face checkpoint folder") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a GPT-2 config ({type(e).__name__}: {e})") from None
+        if not all(isinstance(v, int) and v > 0 for v in args.values()) or args["n_embd"] % args["n_head"]:
+            raise ValueError(f"{path} has impossible sizes: {args}")
+        return args
 
     def load_hf_state_dict(self, hf_state):
         """Copy a GPT2LMHeadModel state dict in. HF keeps Conv1D weights as (in, out): transpose them."""

@@ -28,6 +28,7 @@ import statistics
 import sys
 
 import hardware
+import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GiB = 1024 ** 3
@@ -62,8 +63,7 @@ README_GPUS = ["RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5060 Ti",
                "RTX 5090", "A6000", "L4", "A100 40GB", "A100 80GB", "H100", "H200"]
 
 
-def fail(message):
-    sys.exit(f"error: {message}")
+fail = utils.fail
 
 
 # -----------------------------------------------------------------------------
@@ -77,16 +77,17 @@ def gpt_shape(config, model_args=None):
     init_from = config["init_from"]
     if init_from in PRETRAINED:
         shape.update(PRETRAINED[init_from], vocab_size=50257, bias=True)
-    elif os.path.isfile(os.path.join(init_from, "config.json")):
-        with open(os.path.join(init_from, "config.json")) as f:
-            hf = json.load(f)
-        shape.update(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"], bias=True)
+    elif os.path.isdir(init_from):
+        from model import GPT
+        try:
+            hf = GPT.hf_config_args(init_from)
+        except ValueError as e:
+            fail(str(e))
+        shape.update({k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}, bias=True)
     else:
         meta = os.path.join("data", config["dataset"], "meta.pkl")
         if init_from == "scratch" and os.path.exists(meta):
-            import pickle
-            with open(meta, "rb") as f:
-                shape["vocab_size"] = pickle.load(f)["vocab_size"]
+            shape["vocab_size"] = utils.load_meta(meta)["vocab_size"]
     shape.update({k: model_args[k] for k in shape if model_args and model_args.get(k) is not None})
     return shape
 
@@ -172,8 +173,13 @@ def vlm_arch(model, model_config=None):
     """The text and vision sizes of --model: a given config dict, a local folder's config.json, or built-in."""
     cfg = model_config
     if cfg is None and os.path.isfile(os.path.join(model, "config.json")):
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
+        try:
+            with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{model}/config.json cannot be read ({type(e).__name__}: {e})")
+        if not isinstance(cfg, dict):
+            fail(f"{model}/config.json is not a model config")
     if cfg is None:
         if model not in BUILTIN_MODELS:
             fail(f"no architecture for --model {model}: pass a local model folder (with config.json) "
@@ -181,9 +187,9 @@ def vlm_arch(model, model_config=None):
         return BUILTIN_MODELS[model]
     text = cfg.get("text_config") or cfg  # transformers 5 nests the text sizes; older files do not
     vision = cfg.get("vision_config") or {}
-    if "depth" not in vision:
-        fail(f"{model}: only Qwen2-VL-style models (vision_config with depth, embed_dim) are planned")
     keys = QWEN2_VL_2B["text"]
+    if "depth" not in vision or not all(isinstance(text.get(k), int) for k in keys):
+        fail(f"{model}: only Qwen2-VL-style models (vision_config with depth, embed_dim) are planned")
     tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     return dict(text={k: text[k] for k in keys},
                 vision={k: vision.get(k, QWEN2_VL_2B["vision"][k]) for k in QWEN2_VL_2B["vision"]},
@@ -392,8 +398,11 @@ def vlm_total_samples(args, count):
         return args.max_steps * per_step
     records = 1000  # without the data file: plan for 1000 samples per epoch
     if args.data and os.path.isfile(args.data):
-        with open(args.data) as f:
-            records = sum(1 for line in f if line.strip()) if args.data.endswith(".jsonl") else len(json.load(f))
+        try:
+            with open(args.data, encoding="utf-8") as f:
+                records = sum(1 for line in f if line.strip()) if args.data.endswith(".jsonl") else len(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            fail(f"--data {args.data} cannot be read ({type(e).__name__}: {e})")
     return math.ceil(args.epochs * records / per_step) * per_step
 
 
@@ -446,9 +455,7 @@ def gpt_config(args):
             configure(args, config)
     except ConfigError as e:
         fail(str(e))
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters"):
-        if config[key] <= 0:
-            fail(f"{key} must be > 0, got {config[key]}")
+    utils.check_train_settings(config)
     return config
 
 
@@ -464,7 +471,11 @@ def split_plan_options(argv):
                 fail(f"--{key}={value}: expected a {'whole number' if key == 'gpus' else 'number'}")
         else:
             rest.append(arg)
+    utils.check_ranges(options, PLAN_RANGES, flag=lambda name: f"--{name}")
     return options, rest
+
+
+PLAN_RANGES = {"gpus": "[1, inf)", "price": "[0, inf)", "mfu": "(0, 1]"}  # plan's own options
 
 
 def pick_gpus(name):
@@ -502,27 +513,12 @@ def plan_gpt(argv):
 
 
 def vlm_parser():
-    # train_ds.py's flags that shape memory and time (others are accepted and ignored), and plan's own
-    p = argparse.ArgumentParser(description="plan.py --vlm: memory/time/cost of a train_ds.py run")
+    """train_ds.py's own flags (so plan.py accepts exactly what train_ds.py does), plus plan's."""
+    from train_ds import build_parser
+    p = build_parser()
+    p.prog, p.description = "plan.py --vlm", "memory, time and cost of a train_ds.py run (takes its flags)"
+    p.error = lambda message: fail(f"{message} (see plan.py --vlm --help)")  # one line, not usage + error
     p.add_argument("--vlm", action="store_true")
-    p.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct")
-    p.add_argument("--data", default="data/vlm_demo/train.json")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
-    p.add_argument("--use-lora", action="store_true")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--use-4bit", action="store_true")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--fp32", action="store_true")
-    p.add_argument("--no-deepspeed", action="store_true")
-    p.add_argument("--deepspeed", default="ds_config.json")
     p.add_argument("--gpu", default=None, help="plan only: one GPU kind (default: all in hardware.py)")
     p.add_argument("--gpus", type=int, default=None, help="plan only: GPU count (default: 1, 2, 4, 8)")
     p.add_argument("--price", type=float, default=None, help="plan only: USD per GPU-hour")
@@ -531,17 +527,18 @@ def vlm_parser():
 
 
 def parse_vlm(argv):
-    args, ignored = vlm_parser().parse_known_args(argv)
+    args = vlm_parser().parse_args(argv)
     if args.use_4bit and not args.use_lora:
         fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
-    for key in ("batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(args, key) <= 0:
-            fail(f"--{key.replace('_', '-')} must be > 0")
-    return args, ignored
+    utils.check_ranges(vars(args), {"batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+                                    "max_length": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
+                                    "epochs": "(0, inf)", "max_steps": "[1, inf)", **PLAN_RANGES},
+                       flag=lambda name: "--" + name.replace("_", "-"))
+    return args
 
 
 def plan_vlm(argv):
-    args, ignored = parse_vlm(argv)
+    args = parse_vlm(argv)
     arch = vlm_arch(args.model)
     p = vlm_params(arch)
     total = p["lm_linear"] + p["lm_other"] + p["lm_head"] + p["vision"]
@@ -550,8 +547,6 @@ def plan_vlm(argv):
           f"vision {p['vision'] / 1e6:.0f}M, frozen)" + (f"; LoRA r={args.lora_r}: {lora / 1e6:.1f}M trainable" if lora else ""))
     print(f"per sample (worst case): {args.max_length} tokens, one image of {args.max_pixels:,} pixels; "
           f"{vlm_flops_per_sample(arch, args) / 1e12:.2f} TFLOP per sample (training)")
-    if ignored:
-        print(f"(flags that do not change the plan: {' '.join(ignored)})")
     world = args.gpus or 1
     ds = read_ds_config(None if args.no_deepspeed else args.deepspeed)
     mode = "no DeepSpeed" if args.no_deepspeed else f"DeepSpeed ZeRO-{ds['stage']}" + (" + CPU offload" if ds["offload_optimizer"] else "")
@@ -648,7 +643,7 @@ def readme_tables():
     mfu, why = mfu_assumption("vlm")
     parts = []
     for title, flags, count in README_VLM_RUNS:
-        args, _ = parse_vlm(flags.split())
+        args = parse_vlm(flags.split())
         arch = vlm_arch(args.model)
         rows = [(gpu, count, vlm_best(arch, args, gpu, count, mfu, None)) for gpu in README_GPUS]
         parts.append(f"**{title}** (`{flags}`), {count} GPU(s):\n\n{table(rows, [count])}")

@@ -4,15 +4,17 @@ $ python sample.py --out_dir=out-shakespeare-char
 $ python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=3
 $ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt
 """
-import os
-import pickle
+import signal
 import sys
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
+import os  # noqa: E402
 from contextlib import nullcontext
 
 import torch
 
+import utils
 from configurator import ConfigError, configure
-from model import GPT, GPTConfig
+from model import GPT, PRETRAINED
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir) | 'gpt2*' | a local Hugging Face GPT-2 folder
@@ -22,7 +24,7 @@ start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FIL
 num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
-top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability (0 = off)
 top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
 seed = 1337
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -33,17 +35,26 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 try:
     configure(sys.argv[1:], config)
 except ConfigError as e:
-    sys.exit(f"error: {e}")
+    utils.fail(str(e))
 globals().update(config)
 # -----------------------------------------------------------------------------
+# every setting's range, checked before anything is loaded
+utils.check_ranges(config, {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
+                            'top_k': '[0, inf)', 'top_p': '(0, 1]', 'seed': '[0, 4294967296)'})
+if not (init_from == 'resume' or init_from in PRETRAINED or os.path.isdir(init_from)):
+    utils.fail(f"init_from='{init_from}' is neither resume, one of {', '.join(PRETRAINED)}, "
+               "nor a folder with a Hugging Face GPT-2 checkpoint")
+device, device_type = utils.resolve_device(device)
+dtype = utils.resolve_dtype(dtype, device_type)
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        utils.fail(f"cannot read the prompt file {start[5:]} ({type(e).__name__}: {e}): give a UTF-8 text file")
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -53,21 +64,27 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 meta_path = None
 if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, checkpoint_name)
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"error: no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
+    if not os.path.isfile(ckpt_path):
+        utils.fail(f"no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: {ckpt_path} is truncated or corrupt ({type(e).__name__})")
-    model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
-    if 'dataset' in checkpoint.get('config', {}):  # older checkpoints might not have these...
-        meta_path = os.path.join('data', checkpoint['config']['dataset'], 'meta.pkl')
+    except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
+        utils.fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__})")
+    if not isinstance(checkpoint, dict):
+        utils.fail(f"{ckpt_path} is not a train.py checkpoint")
+    try:
+        model = GPT.from_checkpoint(checkpoint)
+    except ValueError as e:
+        utils.fail(f"{ckpt_path}: {e}")
+    run_config = checkpoint.get('config')
+    dataset = run_config.get('dataset') if isinstance(run_config, dict) else None
+    if isinstance(dataset, str):  # older checkpoints might not have it
+        meta_path = os.path.join('data', dataset, 'meta.pkl')
 else:
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: could not load '{init_from}': {str(e).splitlines()[0]}")
+    except ValueError as e:
+        utils.fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
 model.eval()
 model.to(device)
 if compile:
@@ -77,14 +94,15 @@ if compile:
 # char-level models decode with their dataset's vocabulary, the others with GPT-2's BPE
 if meta_path is not None and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
+    meta = utils.load_meta(meta_path)  # plain values only: a pickle can carry code
+    if 'stoi' not in meta:
+        utils.fail(f"{meta_path} has no character vocabulary (stoi/itos): prepare the dataset again")
     stoi, itos = meta['stoi'], meta['itos']
 
     def encode(s):
         unknown = sorted(set(s) - set(stoi))
         if unknown:
-            sys.exit(f"error: the prompt has characters outside the model's vocabulary: {unknown!r}")
+            utils.fail(f"the prompt has characters outside the model's vocabulary: {unknown!r}")
         return [stoi[c] for c in s]
 
     def decode(ids):
@@ -101,21 +119,18 @@ else:
         return enc.decode(ids)
 
 # encode the beginning of the prompt
-if start.startswith('FILE:'):
-    with open(start[5:], 'r', encoding='utf-8') as f:
-        start = f.read()
 start_ids = encode(start)
 if not start_ids:
-    sys.exit("error: the prompt is empty: give --start=TEXT (a newline works for char models)")
+    utils.fail("the prompt is empty: give --start=TEXT (a newline works for char models)")
 if max(start_ids) >= model.config.vocab_size:
-    sys.exit(f"error: the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
-             "this model was not trained with GPT-2's tokenizer")
+    utils.fail(f"the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
+               "this model was not trained with GPT-2's tokenizer")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
 # run generation
 with torch.no_grad():
     with ctx:
         for k in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
             print(decode(y[0].tolist()))
             print('---------------')

@@ -11,15 +11,17 @@ DDP on 2 nodes of 8 GPUs (run on each node; --node_rank 0 on the master):
 $ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=MASTER_IP:29500 train.py ...
 
 Checkpoints are written atomically and hold every RNG state, so `--init_from=resume` continues
-exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly.
+exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly. A run locks its
+out_dir, and refuses one that holds another run's files unless told to resume or overwrite.
 """
-import glob
+import signal
+import sys
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))  # no traceback
+import glob  # noqa: E402
 import json
 import math
 import os
-import pickle
-import signal
-import sys
+import re
 import time
 from contextlib import nullcontext
 
@@ -42,6 +44,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, save a checkpoint after each eval, else only on improvement
 init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local Hugging Face GPT-2 folder
+overwrite = False  # a new run into an out_dir holding another run's checkpoints replaces them only if True
 keep_last = 1  # older checkpoints kept beside ckpt.pt, as ckpt-<iter>.pt
 patience = 0  # stop after this many evals without a better val loss (0 = never)
 # wandb logging
@@ -86,32 +89,18 @@ config = {k: globals()[k] for k in config_keys}
 try:
     explicit_keys = configure(sys.argv[1:], config)  # config files and --key=value
 except ConfigError as e:
-    sys.exit(f"error: {e}")
+    utils.fail(str(e))
 globals().update(config)
 # -----------------------------------------------------------------------------
 
 
-def fail(message):
-    sys.exit(f"error: {message}")
-
-
-# validate the settings a user can get wrong before touching any device or file
-for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'eval_interval', 'log_interval'):
-    if config[key] <= 0:
-        fail(f"{key} must be > 0, got {config[key]}")
-if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
-    fail(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
-         "nor a folder with a Hugging Face GPT-2 checkpoint")
+fail = utils.fail
+utils.check_train_settings(config)  # every setting's range, and the ones that must agree (see utils.py)
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    fail(f"device='{device}' but CUDA is not available here: use --device=cpu (or auto)")
-if device_type == 'mps' and not torch.backends.mps.is_available():
-    fail(f"device='{device}' but MPS is not available here: use --device=cpu (or auto)")
+device, device_type = utils.resolve_device(device)
+dtype = utils.resolve_dtype(dtype, device_type)
 if ddp:
     ddp_rank = int(os.environ['RANK'])
     ddp_local_rank = int(os.environ['LOCAL_RANK'])
@@ -130,24 +119,9 @@ else:
     master_process = True
     ddp_rank, ddp_world_size = 0, 1
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype='{dtype}' is unknown: use float32, bfloat16 or float16")
-if dtype == 'bfloat16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
-    fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --dtype=float16")
 if master_process:
     print(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, '.write_test'), 'w'):
-            pass
-        os.remove(os.path.join(out_dir, '.write_test'))
-    except OSError as e:
-        fail(f"out_dir '{out_dir}' is not writable ({e.strerror}): choose another --out_dir")
-    for stale in glob.glob(os.path.join(out_dir, '.*.tmp*')) + glob.glob(os.path.join(out_dir, '*.pt.tmp')):
-        os.remove(stale)  # half-written files of a run killed while saving
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -157,12 +131,15 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 # poor man's data loader: random windows of the token file, each batch seeded by its position in
 # the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would
 data_dir = os.path.join('data', dataset)  # dataset may also be a path to a folder
+largest_token = -1
 for split in ('train', 'val'):
     path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         fail(f"{path} not found: prepare the data first, e.g. python {data_dir}/prepare.py")
-    if os.path.getsize(path) // 2 < block_size + 1:
-        fail(f"{path} has {os.path.getsize(path) // 2} tokens, fewer than block_size+1={block_size + 1}: "
+    n_tokens, top = utils.token_file_stats(path)
+    largest_token = max(largest_token, top)
+    if n_tokens < block_size + 1:
+        fail(f"{path} has {n_tokens} tokens, fewer than block_size+1={block_size + 1}: "
              "use more data or a smaller --block_size")
 
 
@@ -184,10 +161,26 @@ def get_batch(split, iter_index, batch_index):
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    meta_vocab_size = utils.load_meta(meta_path)['vocab_size']  # plain values only: a pickle can carry code
     if master_process:
         print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+    if largest_token >= meta_vocab_size:
+        fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
+             "the two do not belong together; prepare the dataset again")
+
+# the output folder: locked while we run; another run's checkpoints are never replaced unasked,
+# and only our own half-written temp files are cleaned up
+OUR_FILES = r'ckpt\.pt|best\.pt|ckpt-\d{7}\.pt|log\.jsonl'  # what this script writes into out_dir
+if master_process and not eval_only:  # eval_only writes nothing
+    out_dir_lock = utils.lock_folder(out_dir)
+    utils.remove_stale_temps(out_dir, OUR_FILES)
+    previous_run = sorted(name for name in os.listdir(out_dir) if re.fullmatch(OUR_FILES, name))
+    if previous_run and init_from != 'resume':
+        if not overwrite:
+            fail(f"out_dir '{out_dir}' holds another run ({', '.join(previous_run)}): continue it with "
+                 "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
+        for name in previous_run:
+            os.remove(os.path.join(out_dir, name))
 
 # model init
 iter_num = 0
@@ -209,18 +202,22 @@ elif init_from == 'resume':
         fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
     try:
         checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
         fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__}){hint}")
+    missing = {'model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'} - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        fail(f"{ckpt_path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))}){hint}")
     if master_process:
         print(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
+    try:
+        model = GPT.from_checkpoint(checkpoint, dropout=dropout)
+    except ValueError as e:
+        fail(f"{ckpt_path}: {e}{hint}")
     for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
         if k in explicit_keys and config[k] != checkpoint['model_args'][k]:
             fail(f"the checkpoint has {k}={checkpoint['model_args'][k]} but {k}={config[k]} was given: "
                  f"drop that setting to resume, or train a new model in another out_dir")
         model_args[k] = checkpoint['model_args'][k]
-    model = GPT(GPTConfig(**model_args))
-    # nanoGPT's compiled checkpoints prefix keys with '_orig_mod.'; accept them too
-    model.load_state_dict({k.removeprefix('_orig_mod.'): v for k, v in checkpoint['model'].items()})
     block_size = model_args['block_size']  # the checkpoint's, unless given
     tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
     iter_num = checkpoint['iter_num']
@@ -231,7 +228,7 @@ else:
         print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
     if block_size > model.config.block_size:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
@@ -243,6 +240,9 @@ if block_size < model.config.block_size:  # crop down the model block size if de
 if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
     fail(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
          "train this dataset from scratch, or prepare it with the model's tokenizer")
+if largest_token >= model.config.vocab_size:
+    fail(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
+         "prepare the data with the model's tokenizer")
 model.activation_checkpointing = activation_checkpointing
 model.to(device)
 if master_process:
@@ -256,12 +256,14 @@ try:
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 except ImportError:
     fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
-except ValueError as e:
-    fail(str(e))
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    if 'scaler' in checkpoint:
-        scaler.load_state_dict(checkpoint['scaler'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if 'scaler' in checkpoint:
+            scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{ckpt_path}: its optimizer state does not fit this model or optimizer ({type(e).__name__}: {e}); "
+             "resume with the optimizer it was saved with")
     rng_states = checkpoint.get('rng')
     if rng_states is not None and len(rng_states) == ddp_world_size:
         utils.set_rng_state(rng_states[ddp_rank])
@@ -330,8 +332,13 @@ log_path = os.path.join(out_dir, 'log.jsonl')
 
 
 def log_json(record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    if eval_only:
+        return  # eval_only writes nothing into out_dir
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:
+        fail(f"could not write {log_path} ({utils.write_failure(e, out_dir)}): free disk space and resume")
 
 
 def trim_log(resume_iter, keep_eval):
@@ -341,9 +348,10 @@ def trim_log(resume_iter, keep_eval):
     with open(log_path) as f:
         records = [json.loads(line) for line in f if line.strip().endswith('}')]
     kept = [r for r in records if r['iter'] < resume_iter or (r['iter'] == resume_iter and 'val_loss' in r and keep_eval)]
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-    os.replace(log_path + '.tmp', log_path)
+    try:
+        utils.atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in kept))
+    except OSError as e:
+        fail(f"could not rewrite {log_path} ({utils.write_failure(e, out_dir)}): free disk space and resume")
 
 
 last_saved_iter = iter_num if checkpoint is not None else None
@@ -378,28 +386,16 @@ def save_checkpoint(is_best):
     print(f"saving checkpoint to {out_dir} (iter {iter_num})")
     try:
         if keep_last > 0 and last_saved_iter is not None and os.path.exists(ckpt_path):
-            link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{last_saved_iter:07d}.pt'))
+            utils.link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{last_saved_iter:07d}.pt'))
         utils.atomic_torch_save(ckpt, ckpt_path)
         if is_best:
-            link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
+            utils.link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
     except OSError as e:
-        fail(f"could not save a checkpoint in {out_dir} ({e.strerror}); the previous one is intact: free disk space and resume")
+        fail(f"could not save a checkpoint in {out_dir} ({utils.write_failure(e, out_dir)}); "
+             "the previous one is intact: free disk space and resume")
     for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[:-keep_last or None]:
         os.remove(old)
     last_saved_iter = iter_num
-
-
-def link_or_copy(src, dst):
-    # a hard link costs no disk; the atomic rename keeps dst whole either way
-    tmp = dst + '.tmp'
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 # SIGTERM (spot instances, schedulers) and Ctrl-C: finish the step, save, exit cleanly
@@ -419,10 +415,8 @@ signal.signal(signal.SIGINT, request_stop)
 last_eval_iter = checkpoint.get('last_eval_iter') if checkpoint is not None else None
 # logging
 if master_process:
-    if checkpoint is not None:
+    if checkpoint is not None and not eval_only:
         trim_log(iter_num, keep_eval=last_eval_iter == iter_num)
-    elif os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
     if wandb_log:
         utils.init_wandb(wandb_project, wandb_run_name, config)
 checkpoint = None  # free up memory

@@ -41,7 +41,7 @@ def fail(message):
     sys.exit(f"error: {message}" if RANK == 0 else 1)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id or local folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
@@ -99,7 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="time training on synthetic images; prints one JSON line")
     p.add_argument("--benchmark-image-size", type=int, default=448)
     p.add_argument("--benchmark-text-words", type=int, default=200)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # -----------------------------------------------------------------------------

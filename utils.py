@@ -1,29 +1,222 @@
 """
-Small helpers that train.py and train_ds.py both need: crash-safe saving, RNG state for exact
-resume, and a wandb start that falls back to offline instead of crashing.
+What the scripts share: one way to report a user's mistake, setting ranges, device and dtype
+resolution, an out_dir lock, crash-safe writes, RNG state for exact resume, safe dataset
+metadata, and a wandb start that falls back to offline instead of crashing.
 """
+import errno
+import math
 import os
+import pickle
 import random
+import re
+import shutil
+import sys
 
 import numpy as np
 import torch
 
 
-def atomic_torch_save(obj, path):
-    """torch.save that never leaves a half-written file at `path`: write a temp file in the same
-    folder, fsync it, then rename over the target (rename is atomic on POSIX and Windows)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+def fail(message):
+    """A mistake the user can fix: one line on stderr naming it and the fix, exit 1, no traceback.
+    Under DDP only rank 0 says it; the other ranks exit quietly."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(1)
+    sys.exit(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# settings: each one's valid range, checked once before any expensive step
+
+INTERVAL = re.compile(r"([\[(])\s*(-?[\w.]+)\s*,\s*(-?[\w.]+)\s*([\])])")
+
+
+def in_interval(value, interval):
+    """Is value a number in an interval written as in maths: '[1, inf)', '(0, 1]', '[0, 1)'?
+    (NaN and infinities fail every comparison that matters, so they are out.)"""
+    left, low, high, right = INTERVAL.fullmatch(interval).groups()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high = float(low), float(high)
+    return (value >= low if left == "[" else value > low) and (value <= high if right == "]" else value < high)
+
+
+def check_ranges(settings, ranges, flag=lambda name: name):
+    """Fail on the first setting outside its interval. ranges: name -> '[1, inf)' etc.; a value of
+    None passes (it means 'off'). flag turns a name into what the user typed (--keep-last)."""
+    for name, interval in ranges.items():
+        value = settings[name]
+        if value is not None and not in_interval(value, interval):
+            fail(f"{flag(name)} must be in {interval}, got {value!r}")
+
+
+TRAIN_RANGES = {  # train.py's numeric settings; bench.py and plan.py take the same ones
+    'eval_interval': '[1, inf)', 'log_interval': '[1, inf)', 'eval_iters': '[1, inf)', 'keep_last': '[0, inf)',
+    'patience': '[0, inf)', 'gradient_accumulation_steps': '[1, inf)', 'batch_size': '[1, inf)',
+    'block_size': '[1, inf)', 'n_layer': '[1, inf)', 'n_head': '[1, inf)', 'n_embd': '[1, inf)', 'dropout': '[0, 1)',
+    'learning_rate': '[0, inf)', 'max_iters': '[0, inf)', 'weight_decay': '[0, inf)', 'beta1': '[0, 1)',
+    'beta2': '[0, 1)', 'grad_clip': '[0, inf)', 'max_nonfinite_steps': '[1, inf)', 'warmup_iters': '[0, inf)',
+    'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)', 'seed': '[0, 4294967296)',
+}
+
+
+def check_train_settings(config):
+    """train.py's settings, alone and together: one line for the first one that cannot work."""
+    from model import PRETRAINED
+    check_ranges(config, TRAIN_RANGES)
+    c = config
+    if c['n_embd'] % c['n_head']:
+        fail(f"n_embd={c['n_embd']} is not divisible by n_head={c['n_head']}: every head gets n_embd/n_head channels")
+    if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters']:
+        fail(f"lr_decay_iters={c['lr_decay_iters']} must be larger than warmup_iters={c['warmup_iters']} "
+             "(the cosine decay runs between them), or set --decay_lr=False")
+    if c['decay_lr'] and c['min_lr'] > c['learning_rate']:
+        fail(f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the decay would raise it; "
+             "set --min_lr (learning_rate/10 is usual) or --decay_lr=False")
+    if c['optimizer'] not in ('adamw', 'adamw8bit'):
+        fail(f"optimizer='{c['optimizer']}' is unknown: use adamw or adamw8bit")
+    if c['backend'] not in ('nccl', 'gloo'):
+        fail(f"backend='{c['backend']}' is unknown: use nccl (GPUs) or gloo")
+    if not c['out_dir'] or not c['dataset']:
+        fail("out_dir and dataset must not be empty")
+    init_from = c['init_from']
+    if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
+        fail(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
+             "nor a folder with a Hugging Face GPT-2 checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# device and dtype
+
+def resolve_device(device):
+    """'auto' -> cuda, else mps, else cpu. Returns (device, device_type); an unknown or absent
+    device is a one-line error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps") or not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)", device):
+        fail(f"device='{device}' is unknown: use auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        fail(f"device='{device}' but CUDA is not available here: use --device=cpu (or auto)")
+    if device_type == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        fail(f"device='{device}' but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0 .. "
+             f"cuda:{torch.cuda.device_count() - 1}")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        fail(f"device='{device}' but MPS is not available here: use --device=cpu (or auto)")
+    return device, device_type
+
+
+def has_native_bf16():
+    # is_bf16_supported() alone says True on T4/V100, which only emulate it (slower than fp16)
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_dtype(dtype, device_type):
+    """'auto' -> bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere."""
+    if dtype == "auto":
+        return ("bfloat16" if has_native_bf16() else "float16") if device_type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"dtype='{dtype}' is unknown: use auto, float32, bfloat16 or float16")
+    if dtype == "bfloat16" and device_type == "cuda" and not has_native_bf16():
+        fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --dtype=float16")
+    return dtype
+
+
+# -----------------------------------------------------------------------------
+# the output folder: one run at a time, and only our own files are ever removed
+
+def lock_folder(folder, what="--out_dir"):
+    """Create folder and hold its lock file for this process's lifetime (keep the returned file
+    open). A second run on the same folder is refused; the kernel frees the lock when a run dies,
+    even by kill -9, so it never stays stuck."""
     try:
-        with open(tmp_path, "wb") as f:
-            torch.save(obj, f)
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:
+        fail(f"{what} '{folder}' is not writable ({e.strerror}): choose another {what}")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are trusted not to collide
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        fail(f"another run (pid {owner}) is using {what} '{folder}': wait for it to end, or choose another {what}")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def temp_path(path):
+    # the one shape of our temp files: .<final name>.tmp<pid>, beside the final file
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(folder, final_names):
+    """Delete what a killed run left half-written: temp files of ours only, i.e. .<name>.tmp<pid>
+    where <name> matches the regex final_names (the files a script writes). Nothing else."""
+    pattern = re.compile(rf"\.({final_names})\.tmp\d+")
+    for name in os.listdir(folder):
+        if pattern.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+# -----------------------------------------------------------------------------
+# crash-safe writes: a temp file, fsync, then an atomic rename over the target
+
+def atomic_write(path, write):
+    """Call write(f) on a temp file beside path, then rename it over path: a crash or a full disk
+    leaves path as it was and no temp file. Write failures come out as OSError (torch's zip writer
+    reports a full disk as RuntimeError)."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        os.replace(tmp, path)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"write failed ({str(e).splitlines()[0][-120:]})") from None
     finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)  # a failed write (full disk, ...) leaves the old file untouched
-    fsync_dir(folder)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def link_or_copy(src, dst):
+    # a hard link costs no disk; the atomic rename keeps dst whole either way
+    tmp = temp_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_failure(error, folder):
+    """What to tell the user when a save failed: the reason and the disk space left."""
+    reason = error.strerror or str(error)
+    try:
+        free = f", {shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = ""
+    return f"{reason}{free}"
 
 
 def fsync_dir(folder):
@@ -40,8 +233,12 @@ def fsync_dir(folder):
         os.close(fd)
 
 
+# -----------------------------------------------------------------------------
+# exact resume: every RNG the next step may draw from
+
 def get_rng_state():
-    """Every RNG the next step may draw from, as tensors and plain values (weights_only-safe)."""
+    """As tensors and plain values (weights_only-safe). CUDA: this process's own device only, so
+    a run saved on 8 GPUs resumes on 1."""
     py_version, py_internal, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -50,19 +247,64 @@ def get_rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
+    """The inverse of get_rng_state; the tensors may come from any map_location."""
     py_version, py_internal, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_internal), py_gauss))
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((np_name, np_keys.cpu().numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available() and torch.is_tensor(state.get("cuda")):
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
+
+# -----------------------------------------------------------------------------
+# dataset metadata
+
+class PlainUnpickler(pickle.Unpickler):
+    # plain dicts, lists, strings and numbers need no class lookups; anything else could run code
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only plain values are allowed")
+
+
+def load_meta(path):
+    """A dataset's meta.pkl (vocab_size, and stoi/itos for characters), read without running any
+    code it may carry, and checked."""
+    try:
+        with open(path, "rb") as f:
+            meta = PlainUnpickler(f).load()
+    except Exception as e:  # a file from elsewhere: any unpickling failure is that file's fault
+        fail(f"{path} cannot be read ({type(e).__name__}: {e}): prepare the dataset again")
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or not 1 <= meta["vocab_size"] <= 2**16:
+        fail(f"{path} needs a 'vocab_size' between 1 and 65536: prepare the dataset again")
+    if "stoi" in meta or "itos" in meta:
+        stoi, itos = meta.get("stoi"), meta.get("itos")
+        if not (isinstance(stoi, dict) and isinstance(itos, dict)
+                and all(isinstance(k, str) and isinstance(v, int) for k, v in stoi.items())
+                and all(isinstance(k, int) and isinstance(v, str) for k, v in itos.items())
+                and max(itos, default=-1) < meta["vocab_size"]):
+            fail(f"{path}: 'stoi' and 'itos' must map characters to ids below vocab_size and back: prepare the dataset again")
+    return meta
+
+
+def token_file_stats(path, scan_tokens=2**28):
+    """(token count, largest token id) of a uint16 token file; the id is read from the first
+    scan_tokens only, so that a 9B-token file costs a second, not minutes."""
+    size = os.path.getsize(path)
+    if size % 2:
+        fail(f"{path} has {size} bytes, an odd count, but holds uint16 tokens: it is truncated or not a token file")
+    if size == 0:
+        return 0, -1
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    top = max(int(tokens[i:i + 2**24].max()) for i in range(0, min(len(tokens), scan_tokens), 2**24))
+    return size // 2, top
+
+
+# -----------------------------------------------------------------------------
 
 def init_wandb(project, run_name, config):
     """Start wandb; with no API key or no network, run offline and say so instead of crashing."""

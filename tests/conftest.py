@@ -36,6 +36,40 @@ def torchrun(*args, nproc=2, timeout=300):
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def run_inline(script, *args):
+    """Run one of the repo's scripts in this process, as `python script args` would, and return
+    (exit code, the message it exited with). Cheap, for inputs refused before any real work: an
+    exception other than SystemExit escapes and fails the calling test, as a traceback would."""
+    import gc
+    import runpy
+    import signal
+    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name='__main__')
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, handler)  # the scripts install their own
+        gc.collect()  # the run's globals sit in a reference cycle: free them, and the out_dir lock they hold
+    return (1, code) if isinstance(code, str) else (code or 0, '')
+
+
+def assert_one_line_error(result, fragment):
+    """A finished process (CompletedProcess) or run_inline's (code, message) exited non-zero with
+    one line 'error: ...' containing fragment, and no traceback."""
+    if isinstance(result, tuple):
+        code, last = result
+        assert code != 0 and '\n' not in last, result
+    else:
+        code = result.returncode
+        assert code != 0 and 'Traceback' not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and fragment in last, last
+
+
 def read_log(out_dir):
     import json
     with open(os.path.join(out_dir, 'log.jsonl')) as f:

@@ -1,14 +1,27 @@
 """Every mistake a user can make gets one line naming the problem and the fix, a non-zero exit,
-and leaves earlier results untouched."""
+and leaves earlier results untouched. One table per script: adding a case is one line.
+
+Most cases run the script in this process (run_inline): they are refused before any real work,
+so a case costs milliseconds, not a new Python. Real processes are kept for what only a process
+shows: signals, locks between processes, a full disk, a fake GPU."""
 import hashlib
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
+import torch
 
-from conftest import TINY, run_script
+from conftest import ENV, REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, wait_for
 
+
+# -----------------------------------------------------------------------------
+# fixtures: a finished run, and a folder of broken things to feed the scripts
 
 @pytest.fixture(scope='module')
 def finished_run(char_data, tmp_path_factory):
@@ -27,122 +40,363 @@ def results(finished_run, tmp_path):
 
 
 def snapshot(folder):
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+    # every file's bytes; .lock holds only the pid of the last run that took it
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name != '.lock'}
 
 
-def assert_one_line_error(r, fragment):
-    assert r.returncode != 0
-    assert 'Traceback' not in r.stderr, r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith('error: ') and fragment in last, r.stderr
+class RunsCode:
+    def __reduce__(self):  # unpickling this runs code: what a malicious meta.pkl does
+        return (os.system, (f'touch {MARKER}',))
 
 
-def make_dataset(folder, n_tokens, vocab_size=None):
-    import numpy as np
+MARKER = os.path.join(os.environ.get('TMPDIR', '/tmp'), f'meta_pkl_ran_code_{os.getpid()}')
+
+
+def write_tokens(folder, tokens, meta=None, raw_meta=None):
     os.makedirs(folder, exist_ok=True)
     for split in ('train', 'val'):
-        np.arange(n_tokens, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
-    if vocab_size:
+        np.asarray(tokens, dtype=np.uint16).tofile(os.path.join(folder, f'{split}.bin'))
+    if meta is not None or raw_meta is not None:
         with open(os.path.join(folder, 'meta.pkl'), 'wb') as f:
-            pickle.dump({'vocab_size': vocab_size}, f)
-    return folder
+            f.write(raw_meta if raw_meta is not None else pickle.dumps(meta))
+    return str(folder)
+
+
+def write_checkpoint(folder, checkpoint, finished_run=None):
+    os.makedirs(folder, exist_ok=True)
+    torch.save(checkpoint, os.path.join(folder, 'ckpt.pt'))
+    return str(folder)
 
 
 def tiny_hf_gpt2(folder):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100, n_positions=32)).save_pretrained(folder)
-    return folder
+    return str(folder)
 
 
-CASES = {
-    'unknown config key': (['--batch_sise=3'], 'unknown setting --batch_sise; did you mean batch_size'),
-    'wrong value type': (['--max_iters=ten'], "max_iters must be int like the default"),
-    'missing config file': (['config/no_such_config.py'], "config file 'config/no_such_config.py' not found"),
-    'dataset folder missing': (['--dataset=no_such_data'], 'data/no_such_data/train.bin not found: prepare the data first'),
-    'batch_size zero': (['--batch_size=0'], 'batch_size must be > 0'),
-    'block_size negative': (['--block_size=-8'], 'block_size must be > 0'),
-    'init_from unknown': (['--init_from=gpt3'], "init_from='gpt3' is neither scratch, resume"),
-    'dtype unknown': (['--dtype=float64'], "dtype='float64' is unknown"),
-    'device without cuda': (['--device=cuda'], "CUDA is not available here: use --device=cpu"),
-    'resume with other n_layer': (['--init_from=resume', '--n_layer=3'],
-                                  'the checkpoint has n_layer=2 but n_layer=3 was given'),
-}
+@pytest.fixture(scope='module')
+def bad(finished_run, tmp_path_factory):
+    """name -> path of each broken input, for the {name} placeholders in the tables."""
+    root = tmp_path_factory.mktemp('bad')
+    chars = {'stoi': {'a': 0, 'b': 1}, 'itos': {0: 'a', 1: 'b'}}
+    good = torch.load(os.path.join(finished_run, 'ckpt.pt'), weights_only=True)
+    paths = {
+        'short_data': write_tokens(root / 'short', range(20)),
+        'odd_bytes': write_tokens(root / 'odd', range(1000)),
+        'corrupt_meta': write_tokens(root / 'corrupt_meta', [0] * 1000, raw_meta=b'\x80\x04garbage'),
+        'meta_without_vocab': write_tokens(root / 'no_vocab', [0] * 1000, meta={'stoi': {}}),
+        'meta_with_code': write_tokens(root / 'code', [0] * 1000, raw_meta=pickle.dumps({'vocab_size': RunsCode()})),
+        'meta_too_small': write_tokens(root / 'small_vocab', range(60), meta=dict(chars, vocab_size=2)),
+        'meta_too_big': write_tokens(root / 'big_vocab', [i % 100 for i in range(1000)], meta={'vocab_size': 100}),
+        'ckpt_list': write_checkpoint(root / 'ckpt_list', [1, 2, 3]),
+        'ckpt_no_optimizer': write_checkpoint(root / 'ckpt_no_optimizer', {k: v for k, v in good.items() if k != 'optimizer'}),
+        'ckpt_wrong_weights': write_checkpoint(root / 'ckpt_wrong_weights',
+                                               dict(good, model_args=dict(good['model_args'], n_embd=64))),
+        'ckpt_bad_args': write_checkpoint(root / 'ckpt_bad_args', dict(good, model_args=dict(good['model_args'], n_head=0))),
+        'hf': tiny_hf_gpt2(root / 'hf'),
+        'hf_no_config': str(root / 'hf_no_config'),
+        'not_utf8': str(root / 'latin1.py'),
+        'prompt_not_utf8': str(root / 'prompt.txt'),
+        'a_file': str(root / 'a_file'),
+        'fresh': str(root / 'fresh'),  # an out_dir with no run in it
+    }
+    os.makedirs(paths['hf_no_config'])
+    with open(os.path.join(paths['odd_bytes'], 'val.bin'), 'ab') as f:
+        f.write(b'\x01')
+    for name, damage in (('hf_bad_json', b'{"n_layer": '), ('hf_missing_keys', b'{"n_layer": 1}')):
+        paths[name] = str(shutil.copytree(paths['hf'], root / name))
+        with open(os.path.join(paths[name], 'config.json'), 'wb') as f:
+            f.write(damage)
+    paths['hf_bad_weights'] = str(shutil.copytree(paths['hf'], root / 'hf_bad_weights'))
+    with open(os.path.join(paths['hf_bad_weights'], 'model.safetensors'), 'wb') as f:
+        f.write(b'\x00' * 64)
+    for name in ('not_utf8', 'prompt_not_utf8'):
+        with open(paths[name], 'wb') as f:
+            f.write('batch_size = 3  # café\n'.encode('latin-1'))
+    with open(paths['a_file'], 'w') as f:
+        f.write('not a folder')
+    return paths
 
 
-@pytest.mark.parametrize('case', CASES)
-def test_bad_setting(case, results, char_data):
-    args, fragment = CASES[case]
+def fill(args, paths):
+    return [arg.format(**paths) for arg in args]
+
+
+# -----------------------------------------------------------------------------
+# train.py: (what, arguments, exit code, words the error line must contain)
+
+TRAIN = [
+    ('unknown setting', ['--batch_sise=3'], 1, 'unknown setting --batch_sise; did you mean batch_size'),
+    ('wrong type', ['--max_iters=ten'], 1, 'max_iters must be int like the default'),
+    ('no value', ['--compile'], 1, "'--compile' has no value"),
+    ('missing config file', ['config/no_such_config.py'], 1, "config file 'config/no_such_config.py' not found"),
+    ('config file not UTF-8', ['{not_utf8}'], 1, 'is not UTF-8'),
+    ('dataset missing', ['--dataset=no_such_data'], 1, 'data/no_such_data/train.bin not found: prepare the data first'),
+    ('batch_size 0', ['--batch_size=0'], 1, 'batch_size must be in [1, inf), got 0'),
+    ('block_size negative', ['--block_size=-8'], 1, 'block_size must be in [1, inf)'),
+    ('accumulation 0', ['--gradient_accumulation_steps=0'], 1, 'gradient_accumulation_steps must be in [1, inf)'),
+    ('eval_iters 0', ['--eval_iters=0'], 1, 'eval_iters must be in [1, inf)'),
+    ('eval_interval 0', ['--eval_interval=0'], 1, 'eval_interval must be in [1, inf)'),
+    ('log_interval 0', ['--log_interval=0'], 1, 'log_interval must be in [1, inf)'),
+    ('keep_last negative', ['--keep_last=-1'], 1, 'keep_last must be in [0, inf)'),
+    ('patience negative', ['--patience=-1'], 1, 'patience must be in [0, inf)'),
+    ('n_layer 0', ['--n_layer=0'], 1, 'n_layer must be in [1, inf)'),
+    ('n_head 0', ['--n_head=0'], 1, 'n_head must be in [1, inf)'),
+    ('n_embd 0', ['--n_embd=0'], 1, 'n_embd must be in [1, inf)'),
+    ('heads do not divide the width', ['--n_embd=30', '--n_head=4'], 1, 'n_embd=30 is not divisible by n_head=4'),
+    ('dropout 1', ['--dropout=1.0'], 1, 'dropout must be in [0, 1)'),
+    ('dropout negative', ['--dropout=-0.1'], 1, 'dropout must be in [0, 1)'),
+    ('learning_rate negative', ['--learning_rate=-1e-3'], 1, 'learning_rate must be in [0, inf)'),
+    ('learning_rate infinite', ['--learning_rate=1e999'], 1, 'learning_rate must be in [0, inf), got inf'),
+    ('max_iters negative', ['--max_iters=-1'], 1, 'max_iters must be in [0, inf)'),
+    ('weight_decay negative', ['--weight_decay=-0.1'], 1, 'weight_decay must be in [0, inf)'),
+    ('beta1 1', ['--beta1=1.0'], 1, 'beta1 must be in [0, 1)'),
+    ('beta2 negative', ['--beta2=-0.5'], 1, 'beta2 must be in [0, 1)'),
+    ('grad_clip negative', ['--grad_clip=-1.0'], 1, 'grad_clip must be in [0, inf)'),
+    ('max_nonfinite_steps 0', ['--max_nonfinite_steps=0'], 1, 'max_nonfinite_steps must be in [1, inf)'),
+    ('warmup negative', ['--warmup_iters=-1'], 1, 'warmup_iters must be in [0, inf)'),
+    ('decay shorter than warmup', ['--warmup_iters=100', '--lr_decay_iters=50'], 1,
+     'lr_decay_iters=50 must be larger than warmup_iters=100'),
+    ('decay_lr off allows any lengths', ['--warmup_iters=100', '--lr_decay_iters=50', '--decay_lr=False', '--optimizer=x'],
+     1, "optimizer='x' is unknown"),
+    ('min_lr above learning_rate', ['--min_lr=1e-2', '--learning_rate=1e-3'], 1, 'min_lr=0.01 is above learning_rate=0.001'),
+    ('min_lr negative', ['--min_lr=-1e-5'], 1, 'min_lr must be in [0, inf)'),
+    ('seed negative', ['--seed=-1'], 1, 'seed must be in [0, 4294967296)'),
+    ('seed too large', ['--seed=99999999999'], 1, 'seed must be in [0, 4294967296)'),
+    ('optimizer unknown', ['--optimizer=sgd'], 1, "optimizer='sgd' is unknown: use adamw or adamw8bit"),
+    ('backend unknown', ['--backend=mpi2'], 1, "backend='mpi2' is unknown"),
+    ('init_from unknown', ['--init_from=gpt3'], 1, "init_from='gpt3' is neither scratch, resume"),
+    ('dtype unknown', ['--dtype=float64'], 1, "dtype='float64' is unknown"),
+    ('device unknown', ['--device=tpu'], 1, "device='tpu' is unknown"),
+    ('device malformed', ['--device=cuda:x'], 1, "device='cuda:x' is unknown"),
+    ('device without CUDA', ['--device=cuda'], 1, 'CUDA is not available here: use --device=cpu'),
+    ('out_dir empty', ['--out_dir='], 1, 'out_dir and dataset must not be empty'),
+    ('out_dir is a file', ['--out_dir={a_file}'], 1, 'is not writable'),
+    ('out_dir inside a file', ['--out_dir={a_file}/out'], 1, 'is not writable'),
+    ('new run over a finished one', ['--max_iters=4'], 1, 'holds another run (best.pt, ckpt.pt, log.jsonl)'),
+    ('train.bin shorter than a block', ['--dataset={short_data}'], 1, 'has 20 tokens, fewer than block_size+1=33'),
+    ('token file of odd size', ['--dataset={odd_bytes}'], 1, 'has 2001 bytes, an odd count'),
+    ('meta.pkl corrupt', ['--dataset={corrupt_meta}'], 1, 'meta.pkl cannot be read'),
+    ('meta.pkl without vocab_size', ['--dataset={meta_without_vocab}'], 1, "meta.pkl needs a 'vocab_size'"),
+    ('meta.pkl that runs code', ['--dataset={meta_with_code}'], 1, 'only plain values are allowed'),
+    ('meta.pkl smaller than the tokens', ['--dataset={meta_too_small}'], 1, 'holds token id 59 but'),
+    ('meta vocabulary larger than the model', ['--dataset={meta_too_big}', '--init_from=resume'], 1,
+     "has 100 tokens but the model's vocabulary has 61"),
+    ('resume with another n_layer', ['--init_from=resume', '--n_layer=3'], 1, 'the checkpoint has n_layer=2 but n_layer=3'),
+    ('resume without a checkpoint', ['--init_from=resume', '--out_dir={hf_no_config}'], 1, 'no checkpoint at'),
+    ('checkpoint is a list', ['--init_from=resume', '--out_dir={ckpt_list}'], 1, 'is not a train.py checkpoint'),
+    ('checkpoint without optimizer', ['--init_from=resume', '--out_dir={ckpt_no_optimizer}'], 1, 'it lacks optimizer'),
+    ('checkpoint weights not its args', ['--init_from=resume', '--out_dir={ckpt_wrong_weights}'], 1,
+     'its weights do not fit its model_args'),
+    ('checkpoint args malformed', ['--init_from=resume', '--out_dir={ckpt_bad_args}'], 1, 'it holds no GPT'),
+    ('HF folder without config', ['--init_from={hf_no_config}', '--out_dir={fresh}'], 1, 'has no config.json'),
+    ('HF config not JSON', ['--init_from={hf_bad_json}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (JSONDecodeError'),
+    ('HF config missing sizes', ['--init_from={hf_missing_keys}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (KeyError'),
+    ('HF weights broken', ['--init_from={hf_bad_weights}', '--out_dir={fresh}'], 1, 'cannot load its weights'),
+    ('block_size above the pretrained one', ['--init_from={hf}', '--block_size=64', '--out_dir={fresh}'], 1,
+     'block_size=64 is larger than'),
+]
+
+
+@pytest.mark.parametrize('case', TRAIN, ids=[c[0] for c in TRAIN])
+def test_train_refuses(case, results, char_data, bad, monkeypatch):
+    _, args, exit_code, words = case
+    monkeypatch.chdir(REPO)
     before = snapshot(results)
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', *args)
-    assert_one_line_error(r, fragment)
+    code, message = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--max_iters=2',
+                               *fill(args, bad))
+    assert code == exit_code
+    assert_one_line_error((code, message), words)
     assert snapshot(results) == before
+    assert not os.path.exists(MARKER)  # the malicious meta.pkl never ran
 
 
-def test_train_bin_shorter_than_a_block(results, tmp_path):
-    data = make_dataset(tmp_path / 'short', 20)
-    r = run_script('train.py', *TINY, f'--dataset={data}', f'--out_dir={results}')
-    assert_one_line_error(r, 'has 20 tokens, fewer than block_size+1=33')
-
-
-def test_meta_vocabulary_larger_than_the_model(results, tmp_path):
-    data = make_dataset(tmp_path / 'big_vocab', 1000, vocab_size=100)
-    before = snapshot(results)
-    r = run_script('train.py', *TINY, f'--dataset={data}', f'--out_dir={results}', '--init_from=resume')
-    assert_one_line_error(r, "has 100 tokens but the model's vocabulary has 61")
-    assert snapshot(results) == before
-
-
-@pytest.mark.parametrize('damage', ['missing', 'truncated', 'corrupt'])
-def test_resume_from_a_damaged_checkpoint(damage, results, char_data):
+@pytest.mark.parametrize('damage', ['truncated', 'corrupt'])
+def test_train_resume_from_a_damaged_checkpoint(damage, results, char_data, monkeypatch):
     ckpt = results / 'ckpt.pt'
-    if damage == 'missing':
-        ckpt.unlink()
-    elif damage == 'truncated':
-        ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
-    else:
-        ckpt.write_bytes(b'\x00garbage' * 1000)
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2] if damage == 'truncated' else b'\x00garbage' * 1000)
     before = snapshot(results)
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--init_from=resume')
-    assert_one_line_error(r, 'no checkpoint at' if damage == 'missing' else 'is truncated or corrupt')
+    monkeypatch.chdir(REPO)
+    result = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--init_from=resume')
+    assert_one_line_error(result, 'is truncated or corrupt')
     assert snapshot(results) == before
 
 
-def test_gradient_accumulation_not_divisible_by_processes(char_data, tmp_path):
-    env = dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='3')
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path}',
-                   '--gradient_accumulation_steps=4', env=env)
-    assert_one_line_error(r, 'gradient_accumulation_steps=4 is not divisible by the 3 processes')
+def test_train_gradient_accumulation_not_divisible_by_processes(char_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for key, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='3').items():
+        monkeypatch.setenv(key, value)
+    result = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--gradient_accumulation_steps=4')
+    assert_one_line_error(result, 'gradient_accumulation_steps=4 is not divisible by the 3 processes')
 
 
-def test_block_size_larger_than_the_pretrained_model(char_data, tmp_path):
-    hf = tiny_hf_gpt2(tmp_path / 'hf')
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path / "out"}',
-                   f'--init_from={hf}', '--block_size=64')
-    assert_one_line_error(r, "block_size=64 is larger than")
+# -----------------------------------------------------------------------------
+# a new or concurrent run never loses a checkpoint or a log, and never deletes the user's files
+
+def test_overwrite_replaces_the_old_run_and_nothing_else(results, char_data):
+    (results / 'notes.txt').write_text('mine')
+    (results / 'ckpt-old.pt').write_text('mine too: not a name we write')
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--max_iters=4',
+                   '--eval_interval=4', '--overwrite=True')
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(results)) == ['.lock', 'best.pt', 'ckpt-old.pt', 'ckpt.pt', 'log.jsonl', 'notes.txt']
+    assert read_log(results)[0]['iter'] == 0 and read_log(results)[-1]['iter'] == 4  # a new log, not the old one
 
 
-def test_out_dir_not_writable(char_data, tmp_path):
-    blocker = tmp_path / 'a_file'
-    blocker.write_text('not a folder')
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={blocker / "out"}')
-    assert_one_line_error(r, 'is not writable')
+def test_start_up_cleanup_deletes_only_our_own_temp_files(results, char_data):
+    ours = ['.ckpt.pt.tmp123', '.best.pt.tmp7', '.ckpt-0000002.pt.tmp9', '.log.jsonl.tmp42']
+    users = ['.notes.tmp1', 'model.pt.tmp', '.ckpt.pt.tmpfile', 'x.tmp5']
+    for name in ours + users:
+        (results / name).write_text('half written' if name in ours else 'the user\'s')
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--init_from=resume',
+                   '--max_iters=3', '--eval_interval=100')
+    assert r.returncode == 0, r.stderr
+    left = set(os.listdir(results))
+    assert not left & set(ours) and set(users) <= left
 
 
-def test_sample_without_a_checkpoint(tmp_path):
-    r = run_script('sample.py', f'--out_dir={tmp_path}')
-    assert_one_line_error(r, 'no checkpoint at')
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_goes_on(char_data, tmp_path):
+    out = tmp_path / 'out'
+    args = [*TINY, f'--dataset={char_data}', f'--out_dir={out}', '--eval_interval=100000']
+    first = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args, '--max_iters=100000'], cwd=REPO,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (out / 'log.jsonl').exists(), 60)
+        second = run_script('train.py', *args, '--init_from=resume', '--max_iters=5')
+        assert_one_line_error(second, f'another run (pid {first.pid}) is using --out_dir')
+        assert first.poll() is None  # the first one was not disturbed
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    # the lock died with its run: resuming now works
+    third = run_script('train.py', *args, '--init_from=resume', '--max_iters=1')
+    assert third.returncode == 0, third.stderr
 
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+SAMPLE = [
+    ('unknown setting', ['--num_sample=2'], 1, 'did you mean num_samples'),
+    ('num_samples 0', ['--num_samples=0'], 1, 'num_samples must be in [1, inf)'),
+    ('max_new_tokens 0', ['--max_new_tokens=0'], 1, 'max_new_tokens must be in [1, inf)'),
+    ('temperature negative', ['--temperature=-1.0'], 1, 'temperature must be in [0, inf)'),
+    ('top_k negative', ['--top_k=-5'], 1, 'top_k must be in [0, inf)'),
+    ('top_p 0', ['--top_p=0.0'], 1, 'top_p must be in (0, 1]'),
+    ('top_p above 1', ['--top_p=1.5'], 1, 'top_p must be in (0, 1]'),
+    ('seed negative', ['--seed=-3'], 1, 'seed must be in [0, 4294967296)'),
+    ('device unknown', ['--device=tpu'], 1, "device='tpu' is unknown"),
+    ('device without CUDA', ['--device=cuda'], 1, 'CUDA is not available here'),
+    ('dtype unknown', ['--dtype=int8'], 1, "dtype='int8' is unknown"),
+    ('init_from unknown', ['--init_from=gpt5'], 1, "init_from='gpt5' is neither resume"),
+    ('no checkpoint', ['--out_dir={hf_no_config}'], 1, 'no checkpoint at'),
+    ('checkpoint_name missing', ['--checkpoint_name=nope.pt'], 1, 'nope.pt: train one first'),
+    ('checkpoint is a list', ['--out_dir={ckpt_list}'], 1, 'is not a train.py checkpoint'),
+    ('checkpoint weights not its args', ['--out_dir={ckpt_wrong_weights}'], 1, 'its weights do not fit its model_args'),
+    ('prompt file missing', ['--start=FILE:/no/such/prompt.txt'], 1, 'cannot read the prompt file'),
+    ('prompt file not UTF-8', ['--start=FILE:{prompt_not_utf8}'], 1, 'give a UTF-8 text file'),
+    ('empty prompt', ['--start='], 1, 'the prompt is empty'),
+    ('prompt outside the vocabulary', ['--start=\u00e9t\u00e9'], 1, "characters outside the model's vocabulary"),
+    ('HF config not JSON', ['--init_from={hf_bad_json}'], 1, 'is not a GPT-2 config'),
+]
+
+
+@pytest.mark.parametrize('case', SAMPLE, ids=[c[0] for c in SAMPLE])
+def test_sample_refuses(case, finished_run, char_data, bad, monkeypatch):
+    _, args, exit_code, words = case
+    monkeypatch.chdir(REPO)
+    code, message = run_inline('sample.py', f'--out_dir={finished_run}', '--device=cpu', '--max_new_tokens=2',
+                               *fill(args, bad))
+    assert code == exit_code
+    assert_one_line_error((code, message), words)
+
+
+def test_sample_refuses_a_meta_pkl_that_runs_code(results, tmp_path, bad, monkeypatch):
+    ckpt = torch.load(results / 'ckpt.pt', weights_only=True)
+    ckpt['config']['dataset'] = bad['meta_with_code']  # sample.py reads data/<dataset>/meta.pkl
+    torch.save(ckpt, results / 'ckpt.pt')
+    monkeypatch.chdir(REPO)
+    assert_one_line_error(run_inline('sample.py', f'--out_dir={results}', '--device=cpu'), 'only plain values are allowed')
+    assert not os.path.exists(MARKER)
+
+
+# -----------------------------------------------------------------------------
+# bench.py and plan.py
+
+BENCH = [
+    ('bench_iters 0', ['--bench_iters=0'], 1, 'bench_iters must be in [1, inf)'),
+    ('bench_warmup negative', ['--bench_warmup=-1'], 1, 'bench_warmup must be in [0, inf)'),
+    ('unknown setting', ['--batch_sise=2'], 1, 'unknown setting --batch_sise'),
+    ('batch_size 0', ['--batch_size=0'], 1, 'batch_size must be in [1, inf)'),
+    ('heads do not divide the width', ['--n_head=5'], 1, 'is not divisible by n_head=5'),
+    ('optimizer unknown', ['--optimizer=lion'], 1, "optimizer='lion' is unknown"),
+    ('device unknown', ['--device=npu'], 1, "device='npu' is unknown"),
+    ('dtype unknown', ['--dtype=half'], 1, "dtype='half' is unknown"),
+]
+
+PLAN = [
+    ('gpus 0', ['--gpus=0'], 1, '--gpus must be in [1, inf), got 0'),
+    ('gpus not a number', ['--gpus=two'], 1, '--gpus=two: expected a whole number'),
+    ('price negative', ['--price=-1'], 1, '--price must be in [0, inf)'),
+    ('mfu 0', ['--mfu=0'], 1, '--mfu must be in (0, 1]'),
+    ('mfu above 1', ['--mfu=35'], 1, '--mfu must be in (0, 1]'),
+    ('unknown GPU', ['--gpu=Voodoo_5'], 1, "unknown GPU 'Voodoo 5'"),
+    ('unknown setting', ['--n_layers=3'], 1, 'unknown setting --n_layers; did you mean n_layer'),
+    ('batch_size 0', ['--batch_size=0'], 1, 'batch_size must be in [1, inf)'),
+    ('accumulation not divisible by GPUs', ['--gradient_accumulation_steps=5', '--gpus=2'], 1,
+     'gradient_accumulation_steps=5 is not divisible by --gpus=2'),
+    ('HF config not JSON', ['--init_from={hf_bad_json}'], 1, 'is not a GPT-2 config'),
+    ('meta.pkl that runs code', ['--dataset={meta_with_code}'], 1, 'only plain values are allowed'),
+    ('vlm: unknown flag', ['--vlm', '--batch-sise', '2'], 1, 'unrecognized arguments: --batch-sise'),
+    ('vlm: gpus 0', ['--vlm', '--gpus', '0'], 1, '--gpus must be in [1, inf)'),
+    ('vlm: batch size 0', ['--vlm', '--batch-size', '0'], 1, '--batch-size must be in [1, inf)'),
+    ('vlm: max steps 0', ['--vlm', '--max-steps', '0'], 1, '--max-steps must be in [1, inf)'),
+    ('vlm: 4-bit without LoRA', ['--vlm', '--use-4bit'], 1, '--use-4bit needs --use-lora'),
+    ('vlm: model config not JSON', ['--vlm', '--model', '{hf_bad_json}'], 1, 'config.json cannot be read'),
+    ('vlm: not a Qwen2-VL', ['--vlm', '--model', '{hf}'], 1, 'only Qwen2-VL-style models'),
+    ('vlm: data not JSON', ['--vlm', '--data', '{not_utf8}'], 1, 'cannot be read'),
+]
+
+
+@pytest.mark.parametrize('script,case', [('bench.py', c) for c in BENCH] + [('plan.py', c) for c in PLAN],
+                         ids=[f'bench: {c[0]}' for c in BENCH] + [f'plan: {c[0]}' for c in PLAN])
+def test_bench_and_plan_refuse(script, case, bad, monkeypatch):
+    _, args, exit_code, words = case
+    monkeypatch.chdir(REPO)
+    code, message = run_inline(script, *fill(args, bad))
+    assert code == exit_code
+    assert_one_line_error((code, message), words)
+
+
+# -----------------------------------------------------------------------------
+# what only a real process shows
 
 def test_bfloat16_on_a_gpu_without_it(char_data, tmp_path):
-    # pretend to be a pre-Ampere GPU (a T4): train.py must refuse bf16 before touching the device
+    # pretend to be a pre-Ampere GPU (a T4, which only emulates bf16): refuse before touching anything
     fake = tmp_path / 'fake_gpu'
     fake.mkdir()
     (fake / 'sitecustomize.py').write_text(
         "import torch\n"
         "torch.cuda.is_available = lambda: True\n"
-        "torch.cuda.is_bf16_supported = lambda *a, **k: False\n"
+        "torch.cuda.is_bf16_supported = lambda including_emulation=True: including_emulation\n"
         "torch.cuda.get_device_name = lambda *a, **k: 'Tesla T4'\n")
     r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path / "out"}', '--device=cuda',
                    '--dtype=bfloat16', env=dict(PYTHONPATH=str(fake)))
     assert_one_line_error(r, 'Tesla T4 has no bfloat16: use --dtype=float16')
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py'])
+def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
+    # a config file runs while the script starts: it says so, then waits for our Ctrl-C
+    started = tmp_path / 'started'
+    (tmp_path / 'slow_config.py').write_text(f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), str(tmp_path / 'slow_config.py')], cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(started.exists, 60)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr
+    assert stderr.strip().startswith('interrupted'), stderr

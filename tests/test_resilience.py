@@ -37,9 +37,10 @@ def test_kill_9_at_random_moments_then_resume_finishes_like_an_uninterrupted_run
     out = tmp_path / 'killed'
     rng = random.Random(0)
     kills = kills_in_save = 0
-    while kills < 20:
+    while kills < 20 or (kills_in_save < 5 and kills < 40):  # a fast disk saves quickly: try more often
         resume = (out / 'ckpt.pt').exists()
-        proc = start_train(*args, f'--out_dir={out}', f'--init_from={"resume" if resume else "scratch"}')
+        # a run killed before its first checkpoint left only a log: start over, replacing it
+        proc = start_train(*args, f'--out_dir={out}', '--init_from=resume' if resume else '--overwrite=True')
         if kills % 2:  # let one save complete, then kill inside the next one
             saved_at = mtime(out / 'ckpt.pt')
             wait_for(lambda: mtime(out / 'ckpt.pt') != saved_at or proc.poll() is not None, 60)
@@ -121,3 +122,43 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
         utils.atomic_torch_save({'w': torch.zeros(1000), 'bad': Unpicklable()}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), where the test may mount one."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}')
+    try:
+        yield disk
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_log(small_disk, char_data):
+    # ~105K parameters: a 1.3 MB checkpoint fits once on the 2 MiB disk, but not beside a second one
+    out = small_disk / 'out'
+    args = [*TINY, '--n_embd=64', f'--dataset={char_data}', f'--out_dir={out}', '--eval_interval=2']
+    r = run_script('train.py', *args, '--max_iters=4')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f'error: could not save a checkpoint in {out} (')
+    assert 'the previous one is intact' in r.stderr and 'MiB free' in r.stderr
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    files = ['.lock', 'best.pt', 'ckpt-0000002.pt', 'ckpt.pt', 'log.jsonl']  # ckpt-* is a hard link: no space
+    assert sorted(os.listdir(out)) == files  # and no temp file left
+    log = (out / 'log.jsonl').read_text()
+    # now not a byte free: resuming must rewrite the log, and cannot
+    with open(small_disk / 'filler', 'wb') as f:
+        try:
+            while True:
+                f.write(b'\0' * 65536)
+                f.flush()
+        except OSError:
+            pass
+    r = run_script('train.py', *args, '--max_iters=4', '--init_from=resume')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f'error: could not rewrite {out / "log.jsonl"}')
+    assert sorted(os.listdir(out)) == files and (out / 'log.jsonl').read_text() == log

@@ -102,7 +102,7 @@ def test_resume_under_ddp_continues_bit_identically(char_data, tmp_path):
 def test_patience_stops_when_val_loss_stops_improving(char_data, tmp_path):
     out = tmp_path / 'out'
     r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=50',
-                   '--eval_interval=5', '--learning_rate=0.0', '--patience=2')
+                   '--eval_interval=5', '--learning_rate=0.0', '--min_lr=0.0', '--patience=2')
     assert r.returncode == 0, r.stderr
     assert 'early stopping' in r.stdout
     assert max(rec['iter'] for rec in read_log(out)) == 10  # evals at 0, 5 and 10: two without improvement
@@ -113,7 +113,7 @@ def test_keeps_last_checkpoints_and_the_best(char_data, tmp_path):
     r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=8',
                    '--eval_interval=2', '--learning_rate=1e-2', '--keep_last=2')
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ['best.pt', 'ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt.pt', 'log.jsonl']
+    assert sorted(os.listdir(out)) == ['.lock', 'best.pt', 'ckpt-0000004.pt', 'ckpt-0000006.pt', 'ckpt.pt', 'log.jsonl']
     assert torch.load(out / 'ckpt-0000006.pt', weights_only=True)['iter_num'] == 6
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['best_val_loss'] == min(r['val_loss'] for r in read_log(out) if 'val_loss' in r)
