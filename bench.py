@@ -60,7 +60,10 @@ with open(os.devnull, "w") as quiet, torch.no_grad():  # configure_optimizers pr
         utils.fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
     finally:
         sys.stdout = stdout
-step_model = torch.compile(model) if config["compile"] else model
+blocker = config["compile"] and utils.compile_blocker(device_type)
+if blocker:
+    print(f"torch.compile cannot run here ({blocker}): timing eager")
+step_model = torch.compile(model) if config["compile"] and not blocker else model
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 batch_size, block_size = config["batch_size"], config["block_size"]
 generator = torch.Generator().manual_seed(config["seed"])

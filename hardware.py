@@ -1,21 +1,34 @@
 """
 The GPUs we know, in one place: memory, dense bf16/fp16 tensor peak (FP32 accumulate, no
 sparsity, from the vendors' spec sheets) and a default hourly price per GPU. model.py reads the
-peak for MFU; plan.py reads all of it. A GPU missing here gets "unknown peak", never a guess.
+peak for MFU; plan.py reads all of it. A device is matched by its exact CUDA name: a GPU missing
+here (or one whose vendor publishes no tensor peak) gets "unknown peak", never a guess.
 """
 import torch
 
-# name: (memory GiB, dense bf16 TFLOP/s, default USD per GPU-hour). Prices are rough on-demand
-# cloud rates (late 2026) for planning only; override them with plan.py --price.
+# name: (memory GiB, dense bf16 TFLOP/s or None if unpublished, default USD per GPU-hour). Prices
+# are rough on-demand cloud rates (late 2026) for planning only; override them with plan.py --price.
 GPUS = {
+    "B200": (180, 2250.0, 5.50),
     "H200": (141, 989.4, 3.50),
-    "H100": (80, 989.4, 2.50),  # SXM; the PCIe card is matched separately below
+    "H200 NVL": (141, 835.5, 3.30),
+    "GH200": (96, 989.4, 3.00),
+    "H100": (80, 989.4, 2.50),  # SXM
+    "H100 NVL": (94, 835.5, 2.40),
     "H100 PCIe": (80, 756.0, 2.20),
+    "H800": (80, 989.4, 2.50),
+    "H800 PCIe": (80, 756.0, 2.20),
     "A100 80GB": (80, 312.0, 1.50),
     "A100 40GB": (40, 312.0, 1.20),
-    "L40S": (48, 362.1, 1.00),
-    "A6000": (48, 154.8, 0.80),
+    "L40S": (48, 362.05, 1.00),
+    "L40": (48, 181.05, 0.90),
+    "A40": (48, 149.7, 0.60),
+    "A10": (24, 125.0, 0.60),
+    "A10G": (24, None, 0.75),  # AWS's A10 variant: NVIDIA publishes no tensor peak for it
     "L4": (24, 121.0, 0.70),
+    "V100": (16, 125.0, 0.50),  # no bf16: the fp16 peak (SXM2)
+    "T4": (16, 65.0, 0.35),  # no bf16: the fp16 peak
+    "A6000": (48, 154.8, 0.80),
     "RTX 5090": (32, 209.5, 0.70),
     "RTX 5080": (16, 112.6, 0.40),
     "RTX 5070": (12, 61.7, 0.30),
@@ -27,21 +40,31 @@ GPUS = {
     "RTX 3090": (24, 71.0, 0.25),
 }
 
+# CUDA device names (torch.cuda.get_device_name, without 'NVIDIA '/'GeForce '/'Tesla ') -> GPUS key.
+# Exact: an RTX 4070 Ti is not a 4070, a 4080 SUPER not a 4080, an H100 NVL not an SXM.
+DEVICE_NAMES = {
+    "B200": "B200",
+    "H200": "H200", "H200 NVL": "H200 NVL",
+    "GH200 480GB": "GH200", "GH200 144G HBM3e": "GH200",
+    "H100 80GB HBM3": "H100", "H100 SXM5 80GB": "H100", "H100 NVL": "H100 NVL", "H100 PCIe": "H100 PCIe",
+    "H800": "H800", "H800 PCIe": "H800 PCIe",
+    "A100-SXM4-80GB": "A100 80GB", "A100 80GB PCIe": "A100 80GB",
+    "A100-SXM4-40GB": "A100 40GB", "A100-PCIE-40GB": "A100 40GB",
+    "L40S": "L40S", "L40": "L40", "A40": "A40", "A10": "A10", "A10G": "A10G", "L4": "L4",
+    "V100-SXM2-16GB": "V100", "V100-SXM2-32GB": "V100", "T4": "T4",
+    "RTX A6000": "A6000",
+    "RTX 5090": "RTX 5090", "RTX 5080": "RTX 5080", "RTX 5070": "RTX 5070", "RTX 5060 Ti": "RTX 5060 Ti",
+    "RTX 4090": "RTX 4090", "RTX 4080": "RTX 4080", "RTX 4070": "RTX 4070", "RTX 4060 Ti": "RTX 4060 Ti",
+    "RTX 3090": "RTX 3090",
+}
+
 
 def match_gpu(device_name):
-    """Map a CUDA device name ('NVIDIA H100 80GB HBM3', 'NVIDIA GeForce RTX 4090') to a GPUS key."""
-    name = device_name.upper().replace("GEFORCE ", "")
-    if "H100" in name and "PCIE" in name:
-        return "H100 PCIe"
-    if "A100" in name:
-        return "A100 40GB" if "40GB" in name else "A100 80GB"
-    # longest keys first so 'RTX 4060 Ti' wins over 'RTX 4060' and 'L40S' over 'L4'
-    for key in sorted(GPUS, key=len, reverse=True):
-        if key.upper() in name:
-            if key == "L4" and "L40" in name:
-                continue
-            return key
-    return None
+    """A CUDA device name ('NVIDIA H100 80GB HBM3', 'NVIDIA GeForce RTX 4090') -> a GPUS key, or None."""
+    name = " ".join(device_name.split())
+    for prefix in ("NVIDIA ", "GeForce ", "Tesla "):
+        name = name.removeprefix(prefix)
+    return DEVICE_NAMES.get(name)
 
 
 def peak_flops(device):
@@ -50,4 +73,4 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     key = match_gpu(torch.cuda.get_device_name(device))
-    return GPUS[key][1] * 1e12 if key else None
+    return GPUS[key][1] * 1e12 if key and GPUS[key][1] else None

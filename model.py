@@ -4,7 +4,6 @@ References: OpenAI's GPT-2 TensorFlow code and Hugging Face's GPT2LMHeadModel, w
 load here unchanged (tests/test_model.py checks the logits match).
 """
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -149,12 +148,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """Logits for every position, and the mean cross-entropy against targets (-1 = ignore)."""
+        """Without targets: (logits for every position, None). With targets: (None, the mean
+        cross-entropy, -1 = ignore); the B*T*vocab logits are not handed back, so they do not stay
+        alive across gradient-accumulation micro-steps."""
         logits = self.lm_head(self.hidden_states(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     def crop_block_size(self, block_size):
         # model surgery to use a smaller context than the checkpoint was trained with
@@ -241,7 +241,7 @@ class GPT(nn.Module):
                 ours[k].copy_(v)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
-        """AdamW with decay on matrices only (not biases, norms); fused on CUDA. optimizer='adamw8bit'
+        """AdamW with decay on matrices only (not biases, norms); fused on CUDA and CPU. optimizer='adamw8bit'
         keeps the two moment buffers in 8 bits (bitsandbytes), cutting their memory by 4x."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -255,8 +255,8 @@ class GPT(nn.Module):
             return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
         if optimizer != "adamw":
             raise ValueError(f"unknown optimizer '{optimizer}': use 'adamw' or 'adamw8bit'")
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        # fused: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus attention's, as in the PaLM paper (App. B)."""
@@ -273,11 +273,15 @@ class GPT(nn.Module):
         return self.flops_per_token() * tokens_per_iter / dt / peak
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Extend idx (B, T) by max_new_tokens sampled tokens. temperature 0 is greedy. top_k keeps
-        the k likeliest tokens, top_p the smallest set whose probability reaches p."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 vocab_size=None, stop_token=None):
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens. temperature 0 is greedy. top_k
+        keeps the k likeliest tokens, top_p the smallest set whose probability reaches p. vocab_size:
+        sample only ids below it (a vocabulary padded for speed has ids no tokenizer knows).
+        stop_token: a row that samples it is done and repeats it; all rows done ends generation."""
         block_size = self.config.block_size
         cache, cached_len = None, 0
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block_size:
                 if cache is None:  # prefill with the whole prompt once
@@ -289,8 +293,15 @@ class GPT(nn.Module):
                 # is stale: recompute the window, exactly as a plain forward would
                 x = self.hidden_states(idx[:, -block_size:])
             logits = self.lm_head(x[:, -1, :]).float()
+            if vocab_size is not None:
+                logits[:, vocab_size:] = -float("inf")
             idx_next = sample_next(logits, temperature, top_k, top_p)
+            if stop_token is not None:
+                idx_next[done] = stop_token
+                done |= idx_next[:, 0] == stop_token
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None and done.all():
+                break
         return idx
 
     def _new_cache(self, idx):

@@ -479,11 +479,14 @@ PLAN_RANGES = {"gpus": "[1, inf)", "price": "[0, inf)", "mfu": "(0, 1]"}  # plan
 
 
 def pick_gpus(name):
+    planned = [key for key, (_, peak, _) in hardware.GPUS.items() if peak]  # time needs a published peak
     if name is None:
-        return list(hardware.GPUS)
+        return planned
     key = hardware.match_gpu(name) or (name if name in hardware.GPUS else None)
     if key is None:
-        fail(f"unknown GPU '{name}': use one of {', '.join(hardware.GPUS)} (spaces as _ in --gpu=)")
+        fail(f"unknown GPU '{name}': use one of {', '.join(planned)} (spaces as _ in --gpu=)")
+    if key not in planned:
+        fail(f"{key} has no published tensor peak, so its time cannot be planned: pick one of {', '.join(planned)}")
     return [key]
 
 
@@ -569,7 +572,8 @@ def detected_gpu(device):
     import torch
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None, None
-    return hardware.match_gpu(torch.cuda.get_device_name(device)), torch.cuda.get_device_properties(device).total_memory
+    key = hardware.match_gpu(torch.cuda.get_device_name(device))
+    return (key if key and hardware.GPUS[key][1] else None), torch.cuda.get_device_properties(device).total_memory
 
 
 def fit_line(need, gpu_memory, device, hint):
@@ -582,11 +586,10 @@ def fit_line(need, gpu_memory, device, hint):
 def startup_line(config, world_size, device, model_args=None):
     """train.py's one-line estimate: peak memory, tokens/iter, time to max_iters; plus a warning line
     when it will not fit the detected GPU. config: train.py's settings (global grad accumulation)."""
-    import torch
     shape = gpt_shape(config, model_args)
     dtype = config["dtype"]
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if str(device).startswith("cuda") else "float32"
+        dtype = utils.resolve_dtype("auto", str(device).split(":")[0])
     memory = gpt_memory(config, shape, config["batch_size"], world_size, dtype)
     need = needed_bytes(memory, world_size)
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * config["block_size"]

@@ -26,6 +26,7 @@ max_new_tokens = 500  # number of tokens generated in each sample
 temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = greedy
 top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability (0 = off)
 top_p = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
+stop_at_eot = True  # GPT-2 BPE models: end a sample at <|endoftext|>
 seed = 1337
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
@@ -66,8 +67,8 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, checkpoint_name)
     if not os.path.isfile(ckpt_path):
         utils.fail(f"no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:  # on the CPU and memory-mapped: the optimizer state in it is never read into memory
+        checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
     except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
         utils.fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__})")
     if not isinstance(checkpoint, dict):
@@ -80,6 +81,7 @@ if init_from == 'resume':
     dataset = run_config.get('dataset') if isinstance(run_config, dict) else None
     if isinstance(dataset, str):  # older checkpoints might not have it
         meta_path = os.path.join('data', dataset, 'meta.pkl')
+    del checkpoint  # the weights are in the model now
 else:
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
@@ -87,7 +89,7 @@ else:
         utils.fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
 model.eval()
 model.to(device)
-if compile:
+if compile and not utils.compile_blocker(device_type):
     # generation runs hidden_states once per token; dynamic shapes avoid a recompile per length
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
@@ -107,6 +109,7 @@ if meta_path is not None and os.path.exists(meta_path):
 
     def decode(ids):
         return ''.join(itos[i] for i in ids)
+    vocab_limit, stop_token = None, None
 else:
     print("No meta.pkl found, assuming GPT-2 encodings...")
     import tiktoken
@@ -117,6 +120,8 @@ else:
 
     def decode(ids):
         return enc.decode(ids)
+    # a vocabulary padded to 50304 for speed has ids tiktoken cannot decode: never sample them
+    vocab_limit, stop_token = enc.n_vocab, enc.eot_token if stop_at_eot else None
 
 # encode the beginning of the prompt
 start_ids = encode(start)
@@ -125,12 +130,16 @@ if not start_ids:
 if max(start_ids) >= model.config.vocab_size:
     utils.fail(f"the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
                "this model was not trained with GPT-2's tokenizer")
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
 
-# run generation
+# run generation: all samples in one batch
 with torch.no_grad():
     with ctx:
-        for k in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p)
-            print(decode(y[0].tolist()))
-            print('---------------')
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           vocab_size=vocab_limit, stop_token=stop_token)
+for row in y.tolist():
+    new = row[len(start_ids):]
+    if stop_token in new:
+        new = new[:new.index(stop_token)]
+    print(decode(start_ids + new))
+    print('---------------')

@@ -10,6 +10,9 @@ $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_multi_gpu.p
 DDP on 2 nodes of 8 GPUs (run on each node; --node_rank 0 on the master):
 $ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=MASTER_IP:29500 train.py ...
 
+With several nodes, out_dir must be on a filesystem every node shares: only rank 0 writes, but
+every rank reads the checkpoint on resume (checked at start-up).
+
 Checkpoints are written atomically and hold every RNG state, so `--init_from=resume` continues
 exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly. A run locks its
 out_dir, and refuses one that holds another run's files unless told to resume or overwrite.
@@ -32,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import utils
 from configurator import ConfigError, configure
-from model import GPT, GPTConfig, PRETRAINED
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # default config values, designed to train a GPT-2 (124M) on OpenWebText (as nanoGPT)
@@ -147,10 +150,9 @@ def get_batch(split, iter_index, batch_index):
     # recreate np.memmap every batch to avoid a memory leak, as per
     # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    generator = torch.Generator().manual_seed(hash((seed, split == 'val', iter_index, batch_index)) % 2**62)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy((data[i:i + block_size]).astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + block_size]).astype(np.int64)) for i in ix])
+    ix = utils.batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     if device_type == 'cuda':
         # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -181,6 +183,21 @@ if master_process and not eval_only:  # eval_only writes nothing
                  "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
         for name in previous_run:
             os.remove(os.path.join(out_dir, name))
+if ddp and not eval_only:
+    # every rank reads checkpoints on resume: out_dir must be on a filesystem all nodes share.
+    # Each rank checks that it sees the lock file rank 0 has just written.
+    written = [open(os.path.join(out_dir, '.lock')).read() if master_process else None]
+    dist.broadcast_object_list(written)
+    try:
+        with open(os.path.join(out_dir, '.lock')) as f:
+            sees_it = f.read() == written[0]
+    except OSError:
+        sees_it = False
+    blind = torch.tensor(float(not sees_it), device=device)
+    dist.all_reduce(blind)
+    if blind.item():
+        fail(f"{int(blind.item())} process(es) cannot see out_dir '{out_dir}' as rank 0 wrote it: with several "
+             "nodes, out_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
 
 # model init
 iter_num = 0
@@ -200,8 +217,8 @@ elif init_from == 'resume':
     hint = f" (older ones: {', '.join(older)}; copy one to ckpt.pt to use it)" if older else ""
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:  # onto the CPU: the RNG states must stay there, and the weights move with the model below
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
         fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__}){hint}")
     missing = {'model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'} - set(checkpoint if isinstance(checkpoint, dict) else ())
@@ -270,26 +287,18 @@ if checkpoint is not None:
     elif master_process:
         print("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
 
-# compile the model; where torch.compile cannot work (no compiler, unsupported platform), run eager
+# compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
+# Compiled this way round, its first call happens inside DDP's forward, so Dynamo splits the graph
+# at DDP's gradient buckets and the all-reduce overlaps the backward pass.
 if compile:
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    compiled = torch.compile(model)
-    try:
-        with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []):
-            # compile errors surface on the first call; use the training shape so it compiles once
-            probe = torch.zeros((batch_size, block_size), dtype=torch.long, device=device)
-            with ctx:
-                probe_loss = compiled(probe, probe)[1]
-            probe_loss.backward()
-        model.zero_grad(set_to_none=True)
-        model = compiled
-    except Exception as e:
-        model.zero_grad(set_to_none=True)
+    blocker = utils.compile_blocker(device_type)
+    if blocker:
         if master_process:
-            print(f"torch.compile is not available here ({type(e).__name__}): running eager")
-
-# wrap model into DDP container
+            print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check")
+    else:
+        if master_process:
+            print("compiling the model... (the first iteration takes a ~minute)")
+        model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
@@ -430,11 +439,15 @@ def get_train_batch(iter_index, micro_step):
 
 
 X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
-t0 = time.time()
-nonfinite_in_a_row = 0
-nonfinite_total = 0
+# No host-device sync in a plain iteration: the loss and the non-finite counts stay on the device
+# and are read at log iterations and every check_every iterations (the stop signals then too)
+check_every = 10
+t0, t0_iter = time.time(), iter_num
+nonfinite_in_a_row = torch.zeros((), device=device)
+nonfinite_total = torch.zeros((), device=device)
 stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
 params = [p for p in raw_model.parameters() if p.requires_grad]
+skip_on_device = all(group.get('fused') for group in optimizer.param_groups)  # fused AdamW takes found_inf
 while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -474,7 +487,7 @@ while True:
             # sync gradients only on the last micro step (the official way is model.no_sync())
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
         with ctx:
-            logits, loss = model(X, Y)
+            _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
         loss_sum += loss.detach().float()
         # immediately async prefetch next batch while model is doing the forward pass on the GPU
@@ -487,43 +500,48 @@ while True:
     scaler.unscale_(optimizer)
     # the norm is the same on every process (gradients are all-reduced): a shared skip decision
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
-    if ddp:
-        dist.all_reduce(stats)
-    loss_value, stop_requested = stats[0].item() / ddp_world_size, stats[1].item() > 0
-    finite = math.isfinite(grad_norm.item())
-    if finite or scaler.is_enabled():
-        scaler.step(optimizer)  # the fp16 scaler skips non-finite steps itself
+    skipped = ~torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
+    elif skip_on_device:
+        optimizer.found_inf = skipped.float()  # fused AdamW leaves weights and state as they were: no sync
+        optimizer.step()
+    elif not skipped.item():  # other optimizers: decide on the host
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
+    nonfinite_total += skipped
+    it, iter_num = iter_num, iter_num + 1
+    stop_requested = stop_signal is not None
 
-    # timing and logging
-    t1 = time.time()
-    dt = t1 - t0
-    t0 = t1
-    if not finite:
-        nonfinite_in_a_row += 1
-        nonfinite_total += 1
-        if master_process:
-            print(f"iter {iter_num}: non-finite loss/gradients, step skipped ({nonfinite_in_a_row} in a row)")
-        if nonfinite_in_a_row >= max_nonfinite_steps:
-            saved = f"iter {last_saved_iter}" if last_saved_iter is not None else "none saved yet"
-            fail(f"loss was not finite for {nonfinite_in_a_row} iterations in a row (last at iter {iter_num}): "
-                 f"lower learning_rate, or use dtype=bfloat16 if on float16; the last checkpoint ({saved}) is untouched")
-    else:
-        nonfinite_in_a_row = 0
-    if iter_num % log_interval == 0 and master_process:
+    # the points where we wait for the device: logging, non-finite counts, stop signals under DDP
+    log_now = it % log_interval == 0
+    if not (log_now or it % check_every == 0 or iter_num == max_iters or (stop_requested and not ddp)):
+        continue
+    stats = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device), nonfinite_in_a_row])
+    if ddp:
+        dist.all_reduce(stats)  # the loss is averaged, a stop on any rank stops all; the count is the same on all
+    loss_value, stops, in_a_row = (value / ddp_world_size for value in stats.tolist())  # one sync
+    stop_requested, in_a_row = stops > 0, round(in_a_row)
+    if in_a_row and master_process:
+        print(f"iter {it}: non-finite loss/gradients, step skipped ({in_a_row} in a row)")
+    if in_a_row >= max_nonfinite_steps:
+        saved = f"iter {last_saved_iter}" if last_saved_iter is not None else "none saved yet"
+        fail(f"loss was not finite for {in_a_row} iterations in a row (last at iter {it}): "
+             f"lower learning_rate, or use dtype=bfloat16 if on float16; the last checkpoint ({saved}) is untouched")
+    if log_now and master_process:
+        t1 = time.time()
+        dt, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num  # mean over the iterations since the last log
         mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
         tok_per_s = tokens_per_iter / dt
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
-        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+        print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
               f"tok/s {tok_per_s:,.0f}, mfu {mfu_text}")
-        log_json({'iter': iter_num, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000,
-                  'tok_per_s': tok_per_s, 'mfu': mfu})
+        log_json({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tok_per_s, 'mfu': mfu})
         if wandb_log:
             import wandb
-            wandb.log({"iter": iter_num, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tok_per_s})
-    iter_num += 1
+            wandb.log({"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tok_per_s})
     if stop_requested:
         if master_process:
             print(f"received {stop_signal or 'a stop request'}: saving a checkpoint and exiting")
@@ -532,7 +550,7 @@ while True:
 # the state to resume from: at the end of a run, and on SIGTERM/SIGINT whatever the settings
 if not eval_only and iter_num > 0 and last_saved_iter != iter_num and (always_save_checkpoint or stop_requested):
     save_checkpoint(is_best=False)
-if nonfinite_total and master_process:
-    print(f"{nonfinite_total} steps were skipped for non-finite loss")
+if nonfinite_total.item() and master_process:
+    print(f"{int(nonfinite_total.item())} steps were skipped for non-finite loss")
 if ddp:
     dist.destroy_process_group()

@@ -4,13 +4,14 @@ resolution, an out_dir lock, crash-safe writes, RNG state for exact resume, safe
 metadata, and a wandb start that falls back to offline instead of crashing.
 """
 import errno
-import math
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
 import sys
+import time
 
 import numpy as np
 import torch
@@ -121,6 +122,16 @@ def resolve_dtype(dtype, device_type):
     return dtype
 
 
+def compile_blocker(device_type):
+    """Why torch.compile cannot work here (no Triton for GPUs, no C++ compiler for CPUs), or None."""
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed"
+    if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        return "no C++ compiler found"
+    return None
+
+
 # -----------------------------------------------------------------------------
 # the output folder: one run at a time, and only our own files are ever removed
 
@@ -141,11 +152,11 @@ def lock_folder(folder, what="--out_dir"):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        owner = lock.read().strip() or "?"
+        owner = (lock.read().split() or ["?"])[0]
         fail(f"another run (pid {owner}) is using {what} '{folder}': wait for it to end, or choose another {what}")
     lock.seek(0)
     lock.truncate()
-    lock.write(f"{os.getpid()}\n")
+    lock.write(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")  # unique: other nodes check they see it
     lock.flush()
     return lock
 
@@ -260,6 +271,30 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
     if torch.cuda.is_available() and torch.is_tensor(state.get("cuda")):
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# -----------------------------------------------------------------------------
+# batches: where each one starts is a pure function of its position in the run
+
+MASK64 = 2**64 - 1
+
+
+def splitmix64(x):
+    """One step of SplitMix64 (Steele, Lea and Flood, 2014): a 64-bit counter-based hash whose
+    outputs are fixed by its definition, on every Python, NumPy and torch version."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def batch_offsets(seed, split, iter_index, batch_index, count, high):
+    """count window starts in [0, high) for the batch at (seed, split, iteration, micro-batch):
+    a resumed or re-sharded run sees exactly the batches an uninterrupted one would."""
+    key = 0
+    for part in (seed, split, iter_index, batch_index):
+        key = splitmix64(key ^ (part & MASK64))  # & MASK64: iteration -1 (evals) hashes like any other
+    return [splitmix64(key ^ i) % high for i in range(count)]
 
 
 # -----------------------------------------------------------------------------

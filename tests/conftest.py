@@ -30,10 +30,11 @@ def run_script(script, *args, timeout=300, env=None, **kwargs):
                           timeout=timeout, **kwargs)
 
 
-def torchrun(*args, nproc=2, timeout=300):
+def torchrun(*args, nproc=2, timeout=300, env=None):
+    """train.py under torchrun with nproc processes (gloo on the CPU)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
            os.path.join(REPO, 'train.py'), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def run_inline(script, *args):

@@ -105,12 +105,97 @@ def test_crop_block_size():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_mfu_is_unknown_on_cpu_and_gpus_are_matched_by_name():
+def test_mfu_is_unknown_on_cpu():
     assert tiny_gpt().estimate_mfu(1024, 0.1) is None
-    assert hardware.match_gpu('NVIDIA H100 80GB HBM3') == 'H100'
-    assert hardware.match_gpu('NVIDIA H100 PCIe') == 'H100 PCIe'
-    assert hardware.match_gpu('NVIDIA GeForce RTX 4060 Ti') == 'RTX 4060 Ti'
-    assert hardware.match_gpu('NVIDIA L40S') == 'L40S'
-    assert hardware.match_gpu('NVIDIA L4') == 'L4'
-    assert hardware.match_gpu('NVIDIA A100-SXM4-40GB') == 'A100 40GB'
-    assert hardware.match_gpu('Tesla T4') is None
+
+
+@pytest.mark.parametrize('device_name,key', [
+    ('NVIDIA H100 80GB HBM3', 'H100'), ('NVIDIA H100 PCIe', 'H100 PCIe'), ('NVIDIA H100 NVL', 'H100 NVL'),
+    ('NVIDIA H200', 'H200'), ('NVIDIA GH200 480GB', 'GH200'), ('NVIDIA B200', 'B200'), ('NVIDIA H800', 'H800'),
+    ('NVIDIA A100-SXM4-40GB', 'A100 40GB'), ('NVIDIA A100 80GB PCIe', 'A100 80GB'), ('NVIDIA A10G', 'A10G'),
+    ('NVIDIA L40S', 'L40S'), ('NVIDIA L40', 'L40'), ('NVIDIA L4', 'L4'), ('Tesla T4', 'T4'),
+    ('NVIDIA GeForce RTX 4060 Ti', 'RTX 4060 Ti'), ('NVIDIA GeForce RTX 4090', 'RTX 4090'),
+    # variants are not their base card: an unknown peak, never a guess
+    ('NVIDIA GeForce RTX 4070 Ti', None), ('NVIDIA GeForce RTX 4080 SUPER', None), ('NVIDIA GeForce RTX 3090 Ti', None),
+    ('NVIDIA RTX 6000 Ada Generation', None), ('NVIDIA Graphics Device', None),
+])
+def test_gpus_are_matched_by_their_exact_name(device_name, key):
+    assert hardware.match_gpu(device_name) == key
+
+
+def test_every_known_device_name_leads_to_a_gpu_entry():
+    assert set(hardware.DEVICE_NAMES.values()) <= set(hardware.GPUS)
+
+
+def test_forward_with_targets_returns_the_loss_but_not_the_logits():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits is None and loss.ndim == 0
+    logits, loss = model(idx)
+    assert logits.shape == (2, 16, 50) and loss is None
+
+
+def test_generate_never_samples_ids_beyond_the_tokenizer():
+    model = tiny_gpt(vocab_size=64)  # as GPT-2's 50257 padded to 50304: ids 50.. are unknown to the tokenizer
+    with torch.no_grad():
+        model.lm_head.weight[50:] = 10 * model.lm_head.weight[50:].sign()  # make the padded ids the likeliest
+    prompt = torch.randint(0, 50, (4, 3))
+    torch.manual_seed(0)
+    assert model.generate(prompt, 20, temperature=1.0)[:, 3:].max() >= 50  # unmasked, they are drawn
+    torch.manual_seed(0)
+    assert model.generate(prompt, 20, temperature=1.0, vocab_size=50)[:, 3:].max() < 50
+
+
+def test_generate_stops_each_row_at_the_stop_token():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 50, (3, 4))
+    greedy = model.generate(prompt, 10, temperature=0)
+    stop = greedy[0, 6].item()  # row 0 reaches it at its third new token
+    out = model.generate(prompt, 10, temperature=0, stop_token=stop)
+    assert out[0, 6] == stop and (out[0, 6:] == stop).all()  # a finished row only repeats the stop token
+    for row in range(3):  # before their stop, rows are what plain generation gives
+        new = greedy[row, 4:].tolist()
+        end = new.index(stop) + 1 if stop in new else len(new)
+        assert out[row, 4:4 + end].tolist() == new[:end]
+    if all(stop in greedy[row, 4:].tolist() for row in range(3)):
+        assert out.shape[1] < 14  # everyone stopped: generation ended early
+
+
+def test_batch_offsets_are_fixed_by_their_definition():
+    import utils
+    assert utils.splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's published first output for seed 0
+    assert utils.batch_offsets(1337, 0, 5, 3, 4, 1000) == [952, 390, 236, 777]
+    assert utils.batch_offsets(1337, 1, -1, 0, 2, 10**9) == utils.batch_offsets(1337, 1, -1, 0, 2, 10**9)
+    # seeds that differ only above bit 32 (torch's CPU generator kept only the low 32 bits) differ here
+    assert utils.batch_offsets(1, 0, 0, 0, 8, 10**9) != utils.batch_offsets(1 + 2**32, 0, 0, 0, 8, 10**9)
+    draws = utils.batch_offsets(7, 0, 0, 0, 10_000, 10)
+    assert all(900 < draws.count(v) < 1100 for v in range(10))  # uniform enough
+
+
+def test_fused_adamw_skips_a_flagged_step_exactly():
+    # train.py skips a non-finite step on the device this way, with no host sync
+    model = tiny_gpt()
+    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    assert all(group['fused'] for group in optimizer.param_groups)
+    idx = torch.randint(0, 50, (2, 16))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    before = ([p.detach().clone() for p in model.parameters()],
+              [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()])
+    for p in model.parameters():
+        p.grad.fill_(float('nan'))
+    optimizer.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
+    assert all(torch.equal(s[k], v) for s, old in zip(optimizer.state.values(), before[1]) for k, v in old.items())
+
+
+def test_auto_dtype_skips_emulated_bfloat16(monkeypatch):
+    import utils
+    # a T4 or V100: is_bf16_supported() says True through emulation, which is slower than fp16
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    assert utils.resolve_dtype('auto', 'cuda') == 'float16'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    assert utils.resolve_dtype('auto', 'cuda') == 'bfloat16'

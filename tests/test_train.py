@@ -1,9 +1,11 @@
-"""train.py end to end on a tiny model: learning, logging, sampling, DDP, exact resume."""
+"""train.py end to end on a tiny model: learning, logging, sampling, DDP, compile, exact resume."""
 import os
+import subprocess
+import sys
 
 import torch
 
-from conftest import TINY, read_log, run_script, torchrun
+from conftest import ENV, REPO, TINY, read_log, run_inline, run_script, torchrun
 
 
 def test_val_loss_falls_and_best_is_never_overwritten(char_data, tmp_path):
@@ -117,3 +119,85 @@ def test_keeps_last_checkpoints_and_the_best(char_data, tmp_path):
     assert torch.load(out / 'ckpt-0000006.pt', weights_only=True)['iter_num'] == 6
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['best_val_loss'] == min(r['val_loss'] for r in read_log(out) if 'val_loss' in r)
+
+
+def test_compiled_training_runs_and_matches_eager(char_data, tmp_path):
+    args = [*TINY, f'--dataset={char_data}', '--max_iters=6', '--eval_interval=3', '--n_layer=1']
+    eager = run_script('train.py', *args, f'--out_dir={tmp_path / "eager"}')
+    compiled = run_script('train.py', *args, '--compile=True', f'--out_dir={tmp_path / "compiled"}', timeout=600)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    assert 'compiling the model' in compiled.stdout
+    for a, b in zip(read_log(tmp_path / 'eager'), read_log(tmp_path / 'compiled'), strict=True):
+        for key in ('loss', 'val_loss'):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+
+
+def test_compiled_ddp_trains_like_one_eager_process(char_data, tmp_path):
+    # compiled first, then wrapped: Dynamo compiles inside DDP's forward (its bucketed graph)
+    args = [*TINY, f'--dataset={char_data}', '--max_iters=4', '--eval_interval=2', '--n_layer=1',
+            '--gradient_accumulation_steps=2']
+    single = run_script('train.py', *args, f'--out_dir={tmp_path / "single"}')
+    ddp = torchrun(*args, '--compile=True', f'--out_dir={tmp_path / "ddp"}', timeout=600, env=dict(TORCH_LOGS='dynamo'))
+    assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-3000:]
+    assert 'DDPOptimizer used bucket cap' in ddp.stderr  # the graph was split for gradient-bucket overlap
+    for a, b in zip(read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp'), strict=True):
+        for key in ('loss', 'val_loss'):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+
+
+def test_a_plain_iteration_does_not_wait_for_the_device(char_data, tmp_path, monkeypatch):
+    # every .item() is a host-device sync on a GPU: only logs, evals and periodic checks may have one
+    calls = []
+    for name in ('item', 'tolist'):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, method=method: calls.append(1) or method(self))
+    monkeypatch.chdir(REPO)
+    code, message = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--max_iters=40',
+                               '--eval_interval=40', '--eval_iters=1', '--log_interval=1000')
+    assert code == 0, message
+    assert len(calls) <= 40 / 4, len(calls)  # before: three per iteration; now 4 in evals, 5 checks, 1 at the end
+
+
+def test_checkpoints_are_read_onto_the_cpu(char_data, tmp_path, monkeypatch):
+    # on a GPU, RNG states loaded onto the device crashed every resume; sampling held the optimizer there
+    out = tmp_path / 'out'
+    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
+                      '--eval_interval=2').returncode == 0
+    placed = []
+    load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: placed.append((k.get('map_location'), k.get('mmap'))) or load(*a, **k))
+    monkeypatch.chdir(REPO)
+    assert run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--init_from=resume',
+                      '--max_iters=3')[0] == 0
+    assert run_inline('sample.py', f'--out_dir={out}', '--max_new_tokens=2', '--num_samples=1', '--device=cpu')[0] == 0
+    assert placed == [('cpu', None), ('cpu', True)]  # sampling maps the file: the optimizer state is never read
+
+
+def test_sample_draws_all_samples_in_one_batch(char_data, tmp_path, monkeypatch):
+    from model import GPT
+    out = tmp_path / 'out'
+    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
+                      '--eval_interval=2').returncode == 0
+    batches = []
+    generate = GPT.generate
+    monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: batches.append(idx.shape[0]) or generate(self, idx, *a, **k))
+    monkeypatch.chdir(REPO)
+    assert run_inline('sample.py', f'--out_dir={out}', '--max_new_tokens=3', '--num_samples=5', '--device=cpu')[0] == 0
+    assert batches == [5]
+
+
+def test_a_rank_that_cannot_see_out_dir_is_refused(char_data, tmp_path):
+    # two "nodes" whose out_dir are different folders: rank 1 starts in another working directory
+    fake = tmp_path / 'elsewhere'
+    fake.mkdir()
+    (fake / 'sitecustomize.py').write_text(
+        f"import os\nif os.environ.get('RANK') == '1':\n    os.chdir({str(fake)!r})\n")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(REPO, 'train.py'), *TINY, f'--dataset={char_data}', '--out_dir=out-not-shared', '--max_iters=2']
+    r = subprocess.run(cmd, cwd=tmp_path, env=dict(ENV, PYTHONPATH=str(fake)), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "1 process(es) cannot see out_dir 'out-not-shared' as rank 0 wrote it" in r.stderr
+    assert 'a filesystem that every node shares' in r.stderr
