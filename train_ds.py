@@ -23,22 +23,22 @@ import signal
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
-import torch
-from PIL import Image, UnidentifiedImageError
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, not a traceback (training sets its own)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))
 
-from utils import atomic_torch_save, fsync_dir, get_rng_state, init_wandb, set_rng_state
+import torch  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from utils import (atomic_torch_save, atomic_write_text, check_ranges, fail, fsync_dir, get_rng_state,  # noqa: E402
+                   init_wandb, lock_folder, remove_stale_temps, set_rng_state, temp_path, write_failure)
 
 VISION_MODULES = ["visual", "vision_tower", "multi_modal_projector"]  # Qwen2-VL / LLaVA names; kept 16-bit, frozen
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-RANK, WORLD_SIZE = 0, 1
-
-
-def fail(message):
-    # errors a user can cause: one line, non-zero exit, no traceback (other ranks exit quietly)
-    sys.exit(f"error: {message}" if RANK == 0 else 1)
+RANK, WORLD_SIZE = 0, 1  # set from the launcher's environment under DeepSpeed
 
 
 def build_parser():
@@ -68,7 +68,7 @@ def build_parser():
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 for no clipping")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
@@ -103,34 +103,92 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    p = build_parser()
+    p.error = lambda message: fail(f"{message} (see python train_ds.py --help)")  # one line, not usage + error
+    return p.parse_args(argv)
+
+
+RANGES = {  # every numeric flag's valid values; None (not given) passes
+    "max_length": "[1, inf)", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
+    "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+    "learning_rate": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+    "epochs": "(0, inf)", "max_steps": "[1, inf)", "max_nonfinite_steps": "[1, inf)", "save_steps": "[1, inf)",
+    "log_steps": "[1, inf)", "keep_last": "[1, inf)", "seed": "[0, 4294967296)", "benchmark_image_size": "[28, 8192]",
+    "benchmark_text_words": "[1, inf)",
+}
+
+
+def check_args(args, zero3):
+    """Every setting alone and together, before anything slow: one line for the first that cannot work."""
+    check_ranges(vars(args), RANGES, flag=lambda name: "--" + name.replace("_", "-"))
+    if args.max_pixels < args.min_pixels:
+        fail(f"--max-pixels {args.max_pixels} is below --min-pixels {args.min_pixels}: raise it or lower --min-pixels")
+    for flag, value in (("--lora-target-modules", args.lora_target_modules), ("--modules-to-save", args.modules_to_save)):
+        if value is not None and not args.use_lora:
+            fail(f"{flag} needs --use-lora: without it every weight of the language model trains")
+    if args.use_4bit and not args.use_lora:
+        fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
+    if args.use_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail("--use-4bit needs bitsandbytes: pip install bitsandbytes")
+    if args.use_4bit and zero3 and not (args.bf16 or args.fp16):
+        fail("--use-4bit with ZeRO-3 works only when the 4-bit weights are stored in the training dtype: "
+             "add --bf16 (or --fp16), or use ds_config.json (ZeRO-2)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output-dir {args.output_dir} is a file, not a folder: choose another --output-dir")
+    if not args.benchmark and checkpoint_steps(args.output_dir) and not args.resume:
+        fail(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
 
 
 # -----------------------------------------------------------------------------
 # data: read both formats into one, check every record before any training starts
 
 def read_records(path):
+    if os.path.isdir(path):
+        fail(f"data file {path} is a folder: give the .json or .jsonl file in it")
     if not os.path.isfile(path):
         fail(f"data file {path} not found (for the demo set run: python data/vlm_demo/prepare.py)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in f if line.strip()]
+                records = [parse_json_line(line, f"{path} line {number}") for number, line in enumerate(f, 1)
+                           if line.strip()]
             else:
                 records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text: save it as UTF-8")
+    except json.JSONDecodeError as e:
         fail(f"{path} is not valid JSON: {e}")
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        fail(f"{path} must hold a list of objects (one per sample)")
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    if not isinstance(records, list):
+        fail(f"{path} must hold a list of objects (one per sample), not a JSON {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            fail(f"{path} record {index} is a JSON {type(record).__name__}, not an object (one per sample)")
     return records
+
+
+def parse_json_line(line, where):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        fail(f"{where} is not valid JSON ({e.msg} at column {e.pos + 1})")
 
 
 def split_placeholders(content, where):
     """A message's content -> typed items, with {"type": "image"} where `<image>` stood."""
     if isinstance(content, list):  # already typed, as in the processor's own format
+        for item in content:
+            if not (isinstance(item, dict) and (item.get("type") == "image" or
+                                                item.get("type") == "text" and isinstance(item.get("text"), str))):
+                fail(f"{where}: a content list holds only {{\"type\": \"text\", \"text\": \"...\"}} and "
+                     f"{{\"type\": \"image\"}} items, not {json.dumps(item)[:80]}")
         return content
     if not isinstance(content, str):
-        fail(f"{where}: message content must be a string or a list")
+        fail(f"{where}: message content must be a string or a list, not {json.dumps(content)[:80]}")
     items = []
     for i, text in enumerate(content.split("<image>")):
         if i > 0:
@@ -143,19 +201,25 @@ def split_placeholders(content, where):
 def to_messages(record, where, image_folder):
     """LLaVA (`image` + `conversations` from human/gpt) or messages (`images` + `messages`) -> one form."""
     if "conversations" in record:
-        turns, images = [(t.get("from"), t.get("value", "")) for t in record["conversations"]], record.get("image")
+        turns_key, role_key, content_key, images_key = "conversations", "from", "value", "image"
     elif "messages" in record:
-        turns, images = [(m.get("role"), m.get("content", "")) for m in record["messages"]], record.get("images")
+        turns_key, role_key, content_key, images_key = "messages", "role", "content", "images"
     else:
         fail(f"{where}: no 'conversations' (LLaVA format) or 'messages' key")
+    turns, images = record[turns_key], record.get(images_key)
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        fail(f"{where}: '{turns_key}' must be a list of objects with '{role_key}' and '{content_key}'")
     if not turns:
         fail(f"{where}: empty conversation")
-    images = [] if images is None else [images] if isinstance(images, str) else list(images)
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
+        fail(f"{where}: '{images_key}' must be an image file name or a list of them")
     messages = []
-    for role, content in turns:
-        if role not in ROLES:
+    for turn in turns:
+        role = turn.get(role_key)
+        if not isinstance(role, str) or role not in ROLES:
             fail(f"{where}: unknown role {role!r} (use human/gpt or user/assistant/system)")
-        messages.append({"role": ROLES[role], "content": split_placeholders(content, where)})
+        messages.append({"role": ROLES[role], "content": split_placeholders(turn.get(content_key, ""), where)})
     placeholders = sum(item.get("type") == "image" for m in messages for item in m["content"])
     if placeholders != len(images):
         fail(f"{where}: {placeholders} <image> placeholder(s) but {len(images)} image(s); they must match")
@@ -168,18 +232,28 @@ def load_image(path, where):
             return image.convert("RGB")
     except FileNotFoundError:
         fail(f"{where}: image {path} not found (check --image-folder)")
+    except Image.DecompressionBombError as e:  # not an OSError
+        fail(f"{where}: image {path} is too large to decode safely ({e}): shrink it")
     except (UnidentifiedImageError, OSError) as e:
         fail(f"{where}: image {path} is unreadable ({e})")
 
 
-def load_samples(path, records, processor, args):
-    """Check and measure every record; returns a list of (messages, image paths, where)."""
-    image_folder = args.image_folder or os.path.dirname(os.path.abspath(path))
-    samples, too_long = [], 0
-    for index, record in enumerate(records):
+def read_samples(path, image_folder=None):
+    """Read a data file and check every record's form; returns (messages, image paths, where) per
+    record. Needs no processor, so it runs before anything slow."""
+    image_folder = image_folder or os.path.dirname(os.path.abspath(path))
+    samples = []
+    for index, record in enumerate(read_records(path)):
         where = f"{path} record {index}" + (f" (id {record['id']})" if "id" in record else "")
-        messages, image_paths = to_messages(record, where, image_folder)
-        sample = (messages, image_paths, where)
+        samples.append((*to_messages(record, where, image_folder), where))
+    return samples
+
+
+def measure_samples(path, samples, processor, args):
+    """Encode every sample once: its images open, it fits --max-length, it has a reply to learn."""
+    kept, too_long = [], 0
+    for sample in samples:
+        where = sample[2]
         batch = encode([sample], processor)
         length = batch["input_ids"].shape[1]
         if length > args.max_length:  # never truncate: a cut could land inside an image's tokens
@@ -188,14 +262,15 @@ def load_samples(path, records, processor, args):
                      f"{args.max_length}; raise it, lower --max-pixels, or pass --skip-long")
             too_long += 1
             continue
-        if (batch["labels"] == -100).all():
-            log(f"warning: {where}: no assistant tokens to learn from (every label masked)")
-        samples.append(sample)
+        if (batch["labels"] == -100).all():  # its loss would be 0/0
+            fail(f"{where}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
+                 "or remove the record")
+        kept.append(sample)
     if too_long:
         log(f"skipped {too_long} sample(s) of {path} longer than --max-length {args.max_length}")
-    if not samples:
+    if not kept:
         fail(f"{path}: no samples left to train on")
-    return samples
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -334,12 +409,26 @@ def load_model(args, model_path, dtype, device, zero3):
         if args.use_lora:
             model.enable_input_require_grads()  # else checkpointed blocks see no input needing grad
     if args.use_lora:
-        from peft import LoraConfig, get_peft_model
-        targets = args.lora_target_modules.split(",") if args.lora_target_modules else language_model_linear_layers(model)
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
-                            modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None)
-        model = get_peft_model(model, config)
+        model = add_lora(model, args)
     return model
+
+
+def add_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+    targets = args.lora_target_modules.split(",") if args.lora_target_modules else language_model_linear_layers(model)
+    to_save = args.modules_to_save.split(",") if args.modules_to_save else None
+    names = [name for name, _ in model.named_modules()]
+    for wanted in to_save or []:  # peft ignores a name that matches nothing: the user would train less than asked
+        if not any(name == wanted or name.endswith("." + wanted) for name in names):
+            fail(f"--modules-to-save {wanted}: {args.model} has no module of that name")
+    try:
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=targets, modules_to_save=to_save)
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. no module of that name, or one that is not a linear layer
+        given = f"--lora-target-modules {args.lora_target_modules}" if args.lora_target_modules else "the default LoRA targets"
+        fail(f"{given}: peft refused them ({str(e).splitlines()[0].rstrip('(')}); name linear layers of the "
+             "language model with --lora-target-modules, e.g. q_proj,v_proj")
 
 
 # -----------------------------------------------------------------------------
@@ -399,8 +488,47 @@ def checkpoint_steps(folder):
     return sorted(found)
 
 
+CHECKPOINT_TEMPS = r"\.tmp-checkpoint-\d+(-old)?"  # the folders a save (or a discard) of ours passes through
+
+
+def claim_output_dir(args):
+    """Rank 0 holds --output-dir's lock for the whole run, so a second run on it is refused, and
+    removes what a killed run of ours left half-written: our own temp names only, never a user's.
+    Returns the lock: keep it referenced."""
+    if RANK != 0:
+        return None
+    lock = lock_folder(args.output_dir, "--output-dir")
+    for name in os.listdir(args.output_dir):
+        if re.fullmatch(CHECKPOINT_TEMPS, name) and os.path.isdir(os.path.join(args.output_dir, name)):
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    remove_stale_temps(args.output_dir, r"log\.jsonl")
+    return lock
+
+
+def is_write_failure(error):
+    """A full disk, as each library reports it: OSError (Python, transformers), SafetensorError, a
+    RuntimeError from torch's zip writer, a bare Exception '... (os error 28)' from tokenizers."""
+    return (isinstance(error, (OSError, SafetensorError)) or "(os error" in str(error)
+            or isinstance(error, RuntimeError) and "inline_container" in str(error))
+
+
+@contextmanager
+def disk_write(what, folder, then="the previous checkpoint is intact: free disk space and resume", partial=None):
+    """A write that a full disk can stop ends in one line: what, why, the space left and what to do.
+    partial: a half-written folder to remove, giving its space back."""
+    try:
+        yield
+    except Exception as e:
+        if not is_write_failure(e):
+            raise  # a bug, not the disk: shown in full
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        error = e if isinstance(e, OSError) else OSError(0, (str(e).strip().splitlines() or [type(e).__name__])[0])
+        fail(f"could not save {what} ({write_failure(error, folder)}); {then}")
+
+
 def discard_checkpoint(path):
-    # rename, then delete: a kill halfway leaves a .tmp folder (removed at the next save), never half a checkpoint
+    # rename, then delete: a kill halfway leaves a .tmp folder (removed at the next start), never half a checkpoint
     trash = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path) + "-old")
     os.replace(path, trash)
     shutil.rmtree(trash)
@@ -409,35 +537,36 @@ def discard_checkpoint(path):
 def save_checkpoint(step, model, engine, optimizer, scaler, processor, args, zero3):
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+    saving = functools.partial(disk_write, f"checkpoint-{step}", args.output_dir, partial=tmp if RANK == 0 else None)
     if RANK == 0:
-        for name in os.listdir(args.output_dir):  # left over from a killed run
-            if name.startswith(".tmp-checkpoint-"):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-        os.makedirs(tmp)
+        with saving():
+            os.makedirs(tmp)
     barrier()
     trainable = gathered_state_dict(model, zero3, trainable_only=True)
     full = None if args.use_lora else gathered_state_dict(model, zero3, trainable_only=False)
-    if RANK == 0:
-        if args.use_lora:  # adapter_model.safetensors + adapter_config.json (modules_to_save included)
-            model.save_pretrained(tmp, state_dict=trainable)
-        else:
-            model.save_pretrained(tmp, state_dict=full)
-        processor.save_pretrained(tmp)
-        with open(os.path.join(tmp, "run_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        if engine is None:
-            atomic_torch_save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
-    if engine is not None:  # optimizer state (sharded per rank under ZeRO) and step, by DeepSpeed
-        engine.save_checkpoint(tmp, tag="deepspeed", client_state={"step": step}, exclude_frozen_parameters=True)
-    atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{RANK}.pt"))
+    with saving():
+        if RANK == 0:
+            if args.use_lora:  # adapter_model.safetensors + adapter_config.json (modules_to_save included)
+                model.save_pretrained(tmp, state_dict=trainable)
+            else:
+                model.save_pretrained(tmp, state_dict=full)
+            processor.save_pretrained(tmp)
+            with open(os.path.join(tmp, "run_args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+            if engine is None:
+                atomic_torch_save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                                   "scaler": scaler.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+        if engine is not None:  # optimizer state (sharded per rank under ZeRO) and step, by DeepSpeed
+            engine.save_checkpoint(tmp, tag="deepspeed", client_state={"step": step}, exclude_frozen_parameters=True)
+        atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{RANK}.pt"))
     barrier()
     if RANK == 0:
-        for root, _, files in os.walk(tmp):  # everything on disk before the folder appears
-            for name in files:
-                with open(os.path.join(root, name), "rb+") as f:
-                    os.fsync(f.fileno())
-            fsync_dir(root)
+        with saving():  # some filesystems report a full disk only here
+            for root, _, files in os.walk(tmp):  # everything on disk before the folder appears
+                for name in files:
+                    with open(os.path.join(root, name), "rb+") as f:
+                        os.fsync(f.fileno())
+                fsync_dir(root)
         if os.path.exists(final):  # re-saving a step (resumed from an older checkpoint)
             discard_checkpoint(final)
         os.replace(tmp, final)
@@ -446,6 +575,27 @@ def save_checkpoint(step, model, engine, optimizer, scaler, processor, args, zer
             discard_checkpoint(os.path.join(args.output_dir, f"checkpoint-{old}"))
         log(f"saved {final}")
     barrier()
+
+
+def append_log(log_path, metrics):
+    with disk_write("log.jsonl", os.path.dirname(log_path)):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def trim_log(log_path, step):
+    """Keep the log lines of steps up to `step`: resuming logs the later ones again. A line a kill or
+    a full disk cut short is dropped too. Rewritten atomically: a kill meanwhile loses no line."""
+    kept = []
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                if line.endswith("\n") and json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # not one of our complete lines
+                pass
+    with disk_write("log.jsonl", os.path.dirname(log_path)):
+        atomic_write_text(log_path, "".join(kept))
 
 
 def resume_checkpoint(args, model, engine, optimizer, scaler):
@@ -495,21 +645,28 @@ def merge_lora(args):
     run_args_path = os.path.join(checkpoint, "run_args.json")
     if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) or not os.path.isfile(run_args_path):
         fail(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no adapter_config.json/run_args.json)")
-    with open(run_args_path) as f:
-        run = json.load(f)
-    output_dir = args.output_dir or checkpoint + "-merged"
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        fail(f"--merge-lora: {output_dir} already exists and is not empty; pass another --output-dir")
+    try:
+        with open(run_args_path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        fail(f"--merge-lora: cannot read {run_args_path} ({e}): it is not a checkpoint of train_ds.py")
+    if not isinstance(run, dict) or not isinstance(run.get("model"), str):
+        fail(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
+    output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        fail(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
+    remote_code = run.get("trust_remote_code", False)
     dtype = choose_dtype(args)  # full precision weights, never 4-bit: merging into nf4 would lose the delta
-    model = AutoModelForImageTextToText.from_pretrained(run["model"], dtype=dtype, trust_remote_code=run["trust_remote_code"])
+    model = AutoModelForImageTextToText.from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
     model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
-    tmp = output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoProcessor.from_pretrained(checkpoint, trust_remote_code=run["trust_remote_code"]).save_pretrained(tmp)
-    if os.path.exists(output_dir):
-        os.rmdir(output_dir)
-    os.replace(tmp, output_dir)
+    tmp = temp_path(output_dir)  # this process's own name (its pid): a folder of the user's is never touched
+    with disk_write(f"the merged model {output_dir}", os.path.dirname(os.path.abspath(output_dir)),
+                    then="free disk space and merge again", partial=tmp):
+        model.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(checkpoint, trust_remote_code=remote_code).save_pretrained(tmp)
+        if os.path.exists(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.replace(tmp, output_dir)
     print(f"merged {checkpoint} into {run['model']} and wrote {output_dir}")
 
 
@@ -525,35 +682,21 @@ def choose_dtype(args):
 
 def deepspeed_config(args, dtype):
     try:
-        with open(args.deepspeed) as f:
+        with open(args.deepspeed, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         fail(f"--deepspeed {args.deepspeed}: {e}")
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+        fail(f"--deepspeed {args.deepspeed}: a DeepSpeed config is a JSON object (see ds_config.json)")
     # one source of truth: these come from the flags, whatever the file says
     config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
                   train_batch_size=args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE,
-                  gradient_clipping=args.grad_clip, bf16={"enabled": dtype == torch.bfloat16},
+                  gradient_clipping=args.grad_clip,  # 0: no clipping, as without DeepSpeed
+                  bf16={"enabled": dtype == torch.bfloat16},
                   fp16={"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16})
     if "auto" in json.dumps(config):
         fail(f"--deepspeed {args.deepspeed}: replace the \"auto\" values with numbers (this script fills in only batch size, precision and clipping)")
     return config
-
-
-def check_args(args, zero3):
-    if args.batch_size <= 0 or args.gradient_accumulation_steps <= 0:
-        fail("--batch-size and --gradient-accumulation-steps must be positive")
-    if args.use_4bit and not args.use_lora:
-        fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
-    if args.use_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            fail("--use-4bit needs bitsandbytes: pip install bitsandbytes")
-    if args.use_4bit and zero3 and not (args.bf16 or args.fp16):
-        fail("--use-4bit with ZeRO-3 works only when the 4-bit weights are stored in the training dtype: "
-             "add --bf16 (or --fp16), or use ds_config.json (ZeRO-2)")
-    if not args.benchmark and checkpoint_steps(args.output_dir) and not args.resume:
-        fail(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
 
 
 def main(argv=None):
@@ -570,8 +713,8 @@ def main(argv=None):
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     check_args(args, zero3)
     # data first: a bad file or record should stop us before minutes of model loading
-    train_records = None if args.benchmark else read_records(args.data)
-    eval_records = read_records(args.eval_data) if args.eval_data else []
+    train_samples = [] if args.benchmark else read_samples(args.data, args.image_folder)
+    eval_samples = read_samples(args.eval_data, args.image_folder) if args.eval_data else []
     if use_deepspeed:
         import deepspeed
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
@@ -584,15 +727,19 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     processor = load_processor(args)
-    if args.benchmark:
-        count = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE * (args.max_steps or 10)
-        train_samples = synthetic_samples(os.path.join(args.output_dir, "synthetic-images"), count,
-                                          args.benchmark_image_size, args.benchmark_text_words, args.seed)
-    else:
-        train_samples = load_samples(args.data, train_records, processor, args)
-    eval_samples = load_samples(args.eval_data, eval_records, processor, args) if args.eval_data else []
+    if not args.benchmark:
+        train_samples = measure_samples(args.data, train_samples, processor, args)
+    if args.eval_data:
+        eval_samples = measure_samples(args.eval_data, eval_samples, processor, args)
+    output_lock = claim_output_dir(args)  # noqa: F841 -- held while we run; nothing was written before
     samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
-    max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_samples) / samples_per_step))
+    if args.benchmark:
+        count = samples_per_step * (args.max_steps if args.max_steps is not None else 10)
+        with disk_write("the benchmark images", args.output_dir, then="free disk space and run again"):
+            train_samples = synthetic_samples(os.path.join(args.output_dir, "synthetic-images"), count,
+                                              args.benchmark_image_size, args.benchmark_text_words, args.seed)
+    max_steps = args.max_steps if args.max_steps is not None else \
+        max(1, math.ceil(args.epochs * len(train_samples) / samples_per_step))
     log(f"{len(train_samples)} training samples, {samples_per_step} per step, {max_steps} steps")
     if RANK == 0:
         import plan  # one line: expected peak memory, tokens per step, time; warns if it will not fit
@@ -603,7 +750,9 @@ def main(argv=None):
         model_path = os.path.join(args.output_dir, "random-init")
         if RANK == 0 and not os.path.exists(model_path):
             config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-            AutoModelForImageTextToText.from_config(config, trust_remote_code=args.trust_remote_code).save_pretrained(model_path)
+            random_model = AutoModelForImageTextToText.from_config(config, trust_remote_code=args.trust_remote_code)
+            with disk_write("the random-init weights", args.output_dir, "free disk space and run again", partial=model_path):
+                random_model.save_pretrained(model_path)
         barrier()
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -666,12 +815,8 @@ def main(argv=None):
 
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    if RANK == 0 and os.path.exists(log_path) and not args.benchmark:  # drop lines of steps after the checkpoint
-        with open(log_path) as f:  # and a last line cut short by a kill
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start_step]
-        with open(log_path + ".tmp", "w") as f:  # a kill while rewriting must not lose the older lines
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+    if RANK == 0 and os.path.exists(log_path) and not args.benchmark:
+        trim_log(log_path, start_step)
     wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
         if args.wandb and RANK == 0 else None
 
@@ -707,7 +852,8 @@ def main(argv=None):
         finite = math.isfinite(loss_mean)
         if engine is None:
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            # --grad-clip 0: no clipping (as DeepSpeed's gradient_clipping 0), but the norm still flags inf/NaN
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
             finite = finite and (math.isfinite(grad_norm) or scaler.is_enabled())  # fp16: the scaler skips overflows
             if finite:
                 scaler.step(optimizer)
@@ -726,8 +872,7 @@ def main(argv=None):
             log(f"step {done}/{max_steps} | loss {loss_mean:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.2f} samples/s "
                 f"| {metrics['tokens_per_s']:.0f} tokens/s | peak mem {metrics['peak_memory_gib']:.2f} GiB")
             if RANK == 0 and not args.benchmark:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_log(log_path, metrics)
             if wandb_run:
                 wandb_run.log(metrics, step=done)
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1

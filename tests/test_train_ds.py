@@ -1,11 +1,14 @@
 """
 train_ds.py on the CPU with tiny random Qwen2-VL and LLaVA models (see vlm_fixtures.py), loaded
 through the script's normal --model path. Most runs call train_ds.main() in this process (a
-fresh Python costs ~10 s of imports); the DeepSpeed runs, the kill and signal tests and one error
-check use real processes.
+fresh Python costs ~10 s of imports); the DeepSpeed runs, the kill and signal tests (Ctrl-C while
+starting too) and one error check use real processes.
 """
+import errno
+import fcntl
 import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -13,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,16 +107,15 @@ def test_text_only_batch_gets_a_masked_dummy_image_under_zero3(work):
     assert (batch["labels"][1] == -100).all() and (batch["labels"][0] != -100).any()
 
 
-def test_fully_masked_sample_warns_and_long_samples_can_be_skipped(work, capsys):
+def test_long_samples_can_be_skipped_and_are_counted(work, capsys):
     processor = qwen_processor(work)
-    records = [{"image": "images/00000.png", "conversations": [{"from": "human", "value": "<image>\nwhat colour?"}]},
-               {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "one two three " * 20}]}]
+    records = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "one two three " * 20}]},
+               {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}]
+    path = write_data(work["root"] / "demo", records, "long.json")
     args = train_ds.parse_args([*work["args"], "--max-length", "60", "--skip-long"])
-    samples = train_ds.load_samples(work["train"], records, processor, args)
-    out = capsys.readouterr().out
-    assert len(samples) == 1
-    assert "record 0" in out and "no assistant tokens" in out
-    assert "skipped 1 sample(s)" in out
+    samples = train_ds.measure_samples(path, train_ds.read_samples(path), processor, args)
+    assert [where for _, _, where in samples] == [f"{path} record 1"]
+    assert f"skipped 1 sample(s) of {path}" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +128,8 @@ def write_data(tmp_path, records, name="bad.json"):
 
 
 GOOD_IMAGE = "images/00000.png"
-BAD_DATA = {
+QA = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+BAD_DATA = {  # name: (records after two good ones, what the error line must say)
     "missing image": ([{"image": "images/nope.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "nope.png not found"),
     "unreadable image": ([{"image": "broken.png", "conversations": [
@@ -136,15 +140,29 @@ BAD_DATA = {
     "too long": ([{"images": [GOOD_IMAGE], "messages": [
         {"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "one two three " * 60}]}],
         "longer than --max-length 150"),
+    "no assistant reply": ([{"image": GOOD_IMAGE, "conversations": QA[:1]}], "no assistant reply to learn from"),
+    "conversations is a string": ([{"image": GOOD_IMAGE, "conversations": "<image>\nq"}], "'conversations' must be a list"),
+    "conversations is a number": ([{"conversations": 5}], "'conversations' must be a list"),
+    "turn is not an object": ([{"conversations": ["q", "a"]}], "'conversations' must be a list of objects"),
+    "value is a number": ([{"conversations": [QA[0], {"from": "gpt", "value": 5}]}], "must be a string or a list, not 5"),
+    "role is a list": ([{"conversations": [{"from": ["human"], "value": "q"}]}], "unknown role ['human']"),
+    "image is a number": ([{"image": 5, "conversations": QA}], "'image' must be an image file name"),
+    "images are numbers": ([{"images": [1], "messages": [{"role": "user", "content": "<image>q"}]}], "'images' must be"),
+    "messages is an object": ([{"messages": {"role": "user", "content": "q"}}], "'messages' must be a list"),
+    "content list of strings": ([{"messages": [{"role": "user", "content": ["q"]}]}], "a content list holds only"),
+    "decompression bomb": ([{"image": "big.png", "conversations": QA}], "too large to decode safely"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_stops_with_one_line_naming_file_and_record(work, tmp_path, case):
+def test_bad_data_stops_with_one_line_naming_file_and_record(work, tmp_path, monkeypatch, case):
+    from PIL import Image
     records, expected = BAD_DATA[case]
     data_dir = tmp_path / "data"
     shutil.copytree(work["root"] / "demo" / "images", data_dir / "images")
     (data_dir / "broken.png").write_bytes(b"not a png at all")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 56 * 56)  # PIL refuses over twice that: big.png stands in for a bomb
+    Image.new("RGB", (100, 100)).save(data_dir / "big.png")
     good = json.load(open(work["train"]))[:2]
     path = write_data(data_dir, good + records)  # the bad record is record 2
     output_dir = tmp_path / "out"
@@ -168,7 +186,7 @@ def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
     assert "--resume" in error_of([*base, "--no-deepspeed", "--use-lora"])  # never trains over old results
     assert "cannot load" in error_of([*base, "--no-deepspeed", "--use-lora", "--resume"])  # empty/corrupt checkpoint
-    assert os.listdir(tmp_path / "out") == ["checkpoint-3"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "checkpoint-3"]
 
 
 def test_cli_error_exits_nonzero_without_traceback(work, tmp_path):
@@ -180,6 +198,103 @@ def test_cli_error_exits_nonzero_without_traceback(work, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
     assert result.stderr.startswith(f"error: {bad} is not valid JSON")
+
+
+BAD_FLAGS = [  # (flags added to a good command line, exit code, what the one error line must say)
+    (["--max-length", "0"], 1, "--max-length must be in [1, inf)"),
+    (["--min-pixels", "0"], 1, "--min-pixels must be in"),
+    (["--min-pixels", "3136", "--max-pixels", "784"], 1, "--max-pixels 784 is below --min-pixels 3136"),
+    (["--use-lora", "--lora-r", "0"], 1, "--lora-r must be in"),
+    (["--use-lora", "--lora-alpha", "0"], 1, "--lora-alpha must be in"),
+    (["--use-lora", "--lora-dropout", "1"], 1, "--lora-dropout must be in"),
+    (["--batch-size", "0"], 1, "--batch-size must be in"),
+    (["--gradient-accumulation-steps", "0"], 1, "--gradient-accumulation-steps must be in"),
+    (["--learning-rate=-1e-4"], 1, "--learning-rate must be in [0, inf), got -0.0001"),
+    (["--learning-rate", "nan"], 1, "--learning-rate must be in [0, inf), got nan"),
+    (["--weight-decay", "-0.1"], 1, "--weight-decay must be in"),
+    (["--warmup-steps", "-1"], 1, "--warmup-steps must be in"),
+    (["--grad-clip", "-1"], 1, "--grad-clip must be in [0, inf)"),  # would be gradient ascent
+    (["--epochs", "0"], 1, "--epochs must be in"),
+    (["--max-steps", "0"], 1, "--max-steps must be in"),  # used to train a whole epoch
+    (["--max-nonfinite-steps", "0"], 1, "--max-nonfinite-steps must be in"),
+    (["--save-steps", "0"], 1, "--save-steps must be in"),
+    (["--log-steps", "0"], 1, "--log-steps must be in"),  # used to divide by zero
+    (["--keep-last", "0"], 1, "--keep-last must be in"),  # 0 and -1 used to delete every checkpoint
+    (["--keep-last", "-1"], 1, "--keep-last must be in"),
+    (["--seed", "-1"], 1, "--seed must be in"),
+    (["--seed", "4294967296"], 1, "--seed must be in"),
+    (["--benchmark", "--benchmark-image-size", "27"], 1, "--benchmark-image-size must be in [28, 8192]"),
+    (["--benchmark", "--benchmark-image-size", "8193"], 1, "--benchmark-image-size must be in [28, 8192]"),
+    (["--benchmark", "--benchmark-text-words", "0"], 1, "--benchmark-text-words must be in"),
+    (["--lora-r", "two"], 1, "argument --lora-r: invalid int value: 'two'"),
+    (["--lora-target-modules", "q_proj"], 1, "--lora-target-modules needs --use-lora"),
+    (["--modules-to-save", "lm_head"], 1, "--modules-to-save needs --use-lora"),
+    (["--output-dir", "{tmp}/a-file"], 1, "is a file, not a folder"),
+    (["--data", "{tmp}/folder.json"], 1, "is a folder"),
+    (["--data", "{tmp}/latin1.jsonl"], 1, "latin1.jsonl is not UTF-8 text"),
+    (["--eval-data", "{tmp}/latin1.jsonl"], 1, "latin1.jsonl is not UTF-8 text"),
+    (["--data", "{tmp}/bad-line.jsonl"], 1, "bad-line.jsonl line 2 is not valid JSON"),
+    (["--data", "{tmp}/numbers.json"], 1, "numbers.json record 0 is a JSON int, not an object"),
+    (["--deepspeed", "{tmp}/list.json"], 1, "a DeepSpeed config is a JSON object"),
+]
+
+
+def write_bad_files(folder):
+    (folder / "a-file").write_text("not a folder")
+    (folder / "folder.json").mkdir()
+    (folder / "latin1.jsonl").write_bytes('{"messages": "caf\xe9"}\n'.encode("latin-1"))
+    (folder / "bad-line.jsonl").write_text('{"messages": []}\n{"messages": [\n')
+    (folder / "numbers.json").write_text("[1, 2]")
+    (folder / "list.json").write_text("[]")
+
+
+@pytest.mark.parametrize("extra, code, expected", BAD_FLAGS, ids=[" ".join(extra) for extra, _, _ in BAD_FLAGS])
+def test_bad_flags_stop_with_one_line_before_anything_is_written(work, tmp_path, extra, code, expected):
+    write_bad_files(tmp_path)
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:  # each fails before the processor and model load: milliseconds
+        train_ds.main([*work["args"], "--output-dir", str(output_dir), *(a.format(tmp=tmp_path) for a in extra)])
+    message = exit_info.value.code
+    assert (1 if isinstance(message, str) else message) == code
+    assert str(message).startswith("error: ") and "\n" not in message and expected in message, message
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lora-target-modules", "no_such_layer"], "--lora-target-modules no_such_layer: peft refused them"),
+    (["--lora-target-modules", "visual"], "--lora-target-modules visual: peft refused them"),  # not a linear layer
+    (["--modules-to-save", "no_such_module"], "--modules-to-save no_such_module: "),  # peft would ignore it
+])
+def test_lora_settings_peft_cannot_apply_are_one_line(work, tmp_path, extra, expected):
+    output_dir = tmp_path / "out"
+    message = error_of([*work["args"], "--no-deepspeed", "--use-lora", *extra, "--output-dir", str(output_dir)])
+    assert expected in message
+    assert os.listdir(output_dir) == [".lock"]  # only the model knows its modules, but nothing was written yet
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(work, tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    # as the first run holds it; flock locks belong to an open file, so one held here conflicts in-process too
+    with open(output_dir / ".lock", "a+") as first_run:
+        fcntl.flock(first_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first_run.write("4242\n")
+        first_run.flush()
+        message = error_of([*work["args"], "--no-deepspeed", "--use-lora", "--output-dir", str(output_dir)])
+    assert "another run (pid 4242) is using --output-dir" in message
+    assert os.listdir(output_dir) == [".lock"]
+
+
+def test_ctrl_c_while_starting_is_one_line_without_traceback(tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), "--no-deepspeed", "--output-dir",
+                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # torch's libraries mapped: the script is inside `import torch`, past its first lines, ~0.3 s after the start
+    assert wait_for(lambda: process.poll() is not None or "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(), 60)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted while starting: nothing was trained"
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -214,11 +329,54 @@ def test_resume_continues_at_the_same_step_with_identical_losses(lora_run, tmp_p
     resumed_dir = str(tmp_path / "resumed")
     shutil.copytree(output_dir, resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoint-8"))  # as if killed between the two saves
+    for name in (".tmp-checkpoint-7", ".tmp-checkpoint-3-old", ".tmp-checkpoint-notes"):  # two of ours, one a user's
+        os.makedirs(os.path.join(resumed_dir, name))
+    open(os.path.join(resumed_dir, f".log.jsonl.tmp{os.getpid() + 1}"), "w").close()  # a rewrite cut short by a kill
     train_ds.main([*args, "--output-dir", resumed_dir, "--resume", "--keep-last", "1"])
     original, resumed = read_log(output_dir), read_log(resumed_dir)
     assert [e["step"] for e in resumed] == list(range(1, 9))
     assert [e["loss"] for e in resumed[4:]] == [e["loss"] for e in original[4:]]  # bit-identical
-    assert sorted(n for n in os.listdir(resumed_dir) if "checkpoint" in n) == ["checkpoint-8"]  # keep_last 1
+    assert sorted(n for n in os.listdir(resumed_dir) if "checkpoint" in n) == [".tmp-checkpoint-notes", "checkpoint-8"]
+    assert sorted(n for n in os.listdir(resumed_dir) if "log" in n) == ["log.jsonl"]
+
+
+def no_space_left(error):
+    def write(*args, **kwargs):
+        raise error
+    return write
+
+
+FULL_DISK = {  # which write fails, and how its library reports a full disk
+    "processor (tokenizers: a bare Exception)": ("transformers.ProcessorMixin.save_pretrained",
+                                                 Exception("No space left on device (os error 28)")),
+    "trainer state (torch, via utils: OSError)": ("train_ds.atomic_torch_save", OSError(errno.ENOSPC, "No space left on device")),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_DISK))
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(lora_run, tmp_path, monkeypatch, case):
+    args, output_dir = lora_run
+    full = str(tmp_path / "full")
+    shutil.copytree(output_dir, full)
+    checkpoint = os.path.join(full, "checkpoint-8")
+    before = {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)}
+    target, error = FULL_DISK[case]
+    monkeypatch.setattr(target, no_space_left(error))
+    message = error_of([*args, "--output-dir", full, "--resume", "--max-steps", "9"])
+    assert message.startswith("error: could not save checkpoint-9 (No space left on device")
+    assert message.endswith(" MiB free); the previous checkpoint is intact: free disk space and resume")
+    assert train_ds.checkpoint_steps(full) == [4, 8] and not os.path.exists(os.path.join(full, ".tmp-checkpoint-9"))
+    assert {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)} == before
+
+
+def test_grad_clip_0_means_no_clipping_and_trains(work, tmp_path):
+    output_dir = str(tmp_path / "no-clip")
+    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--grad-clip", "0", "--max-steps", "2",
+                   "--output-dir", output_dir])
+    assert all(math.isfinite(entry["loss"]) for entry in read_log(output_dir))
+    adapter = load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # they start at zero: a clip to norm 0 would keep them there
 
 
 def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
@@ -226,11 +384,13 @@ def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
     from transformers import AutoModelForImageTextToText
     _, output_dir = lora_run
     checkpoint = os.path.join(output_dir, "checkpoint-8")
+    os.makedirs(checkpoint + "-merged.tmp")  # a user's folder, named as the merge's temp folder used to be
+    open(os.path.join(checkpoint + "-merged.tmp", "notes.txt"), "w").close()
     train_ds.main(["--merge-lora", checkpoint])
+    assert os.listdir(checkpoint + "-merged.tmp") == ["notes.txt"]
+    assert not [name for name in os.listdir(output_dir) if ".tmp" in name and name != "checkpoint-8-merged.tmp"]
     processor = qwen_processor(work)
-    args = train_ds.parse_args(work["args"])
-    samples = train_ds.load_samples(work["train"], json.load(open(work["train"]))[:2], processor, args)
-    batch = train_ds.encode(samples, processor)
+    batch = train_ds.encode(train_ds.read_samples(work["train"])[:2], processor)
     adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(work["qwen"]), checkpoint).eval()
     merged = AutoModelForImageTextToText.from_pretrained(checkpoint + "-merged").eval()
     base = AutoModelForImageTextToText.from_pretrained(work["qwen"]).eval()
@@ -290,7 +450,8 @@ def test_benchmark_measures_a_random_init_model_from_its_config(work, tmp_path, 
 def deepspeed_run(work, output_dir, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on a small CPU: oversubscribed threads crawl
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))  # op built once
-    command = ["deepspeed", "--num_gpus=2", "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_ds.py"),
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this env's
+    command = [launcher, "--num_gpus=2", "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_ds.py"),
                *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=420, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
