@@ -34,7 +34,8 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from utils import (atomic_torch_save, atomic_write_text, check_ranges, fail, fsync_dir, get_rng_state,  # noqa: E402
-                   init_wandb, lock_folder, remove_stale_temps, set_rng_state, temp_path, write_failure)
+                   has_native_bf16, init_wandb, lock_folder, remove_stale_temps, resolve_dtype, set_rng_state,
+                   temp_path, write_failure)
 
 VISION_MODULES = ["visual", "vision_tower", "multi_modal_projector"]  # Qwen2-VL / LLaVA names; kept 16-bit, frozen
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -674,10 +675,11 @@ def merge_lora(args):
 
 def choose_dtype(args):
     if args.bf16 or args.fp16 or args.fp32:
+        if args.bf16 and torch.cuda.is_available() and not has_native_bf16():
+            fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --fp16")
         return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    name = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")  # native bf16 only, as train.py
+    return getattr(torch, name)
 
 
 def deepspeed_config(args, dtype):
