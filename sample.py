@@ -67,12 +67,8 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, checkpoint_name)
     if not os.path.isfile(ckpt_path):
         utils.fail(f"no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
-    try:  # on the CPU and memory-mapped: the optimizer state in it is never read into memory
-        checkpoint = torch.load(ckpt_path, map_location='cpu', mmap=True, weights_only=True)
-    except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
-        utils.fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__})")
-    if not isinstance(checkpoint, dict):
-        utils.fail(f"{ckpt_path} is not a train.py checkpoint")
+    # on the CPU and memory-mapped: the optimizer state in it is never read into memory
+    checkpoint = utils.load_checkpoint(ckpt_path, ('model', 'model_args'), mmap=True)
     try:
         model = GPT.from_checkpoint(checkpoint)
     except ValueError as e:

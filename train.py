@@ -21,10 +21,7 @@ import signal
 import sys
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))  # no traceback
 import glob  # noqa: E402
-import json
-import math
 import os
-import re
 import time
 from contextlib import nullcontext
 
@@ -67,7 +64,7 @@ dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 activation_checkpointing = False  # recompute activations in backward: much less memory, ~30% slower
 # optimizer
-optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; optimizer state in 8 bits)
+optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; optimizer state in 8 bits); the object is `optim`
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
 weight_decay = 1e-1
@@ -95,10 +92,8 @@ except ConfigError as e:
     utils.fail(str(e))
 globals().update(config)
 # -----------------------------------------------------------------------------
-
-
-fail = utils.fail
 utils.check_train_settings(config)  # every setting's range, and the ones that must agree (see utils.py)
+fail = utils.fail
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -117,22 +112,19 @@ if ddp:
     dist.init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
     master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
     gradient_accumulation_steps //= ddp_world_size
-else:
-    # if not ddp, we are running on a single gpu, and one process
+else:  # one process, on whatever device
     master_process = True
     ddp_rank, ddp_world_size = 0, 1
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# poor man's data loader: random windows of the token file, each batch seeded by its position in
-# the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would
+# -----------------------------------------------------------------------------
+# data: token files checked whole-token and within the vocabulary before anything is built
 data_dir = os.path.join('data', dataset)  # dataset may also be a path to a folder
 largest_token = -1
 for split in ('train', 'val'):
@@ -144,11 +136,21 @@ for split in ('train', 'val'):
     if n_tokens < block_size + 1:
         fail(f"{path} has {n_tokens} tokens, fewer than block_size+1={block_size + 1}: "
              "use more data or a smaller --block_size")
+meta_path = os.path.join(data_dir, 'meta.pkl')  # a character vocabulary, if the dataset has one
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    meta_vocab_size = utils.load_meta(meta_path)['vocab_size']  # plain values only: a pickle can carry code
+    if master_process:
+        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+    if largest_token >= meta_vocab_size:
+        fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
+             "the two do not belong together; prepare the dataset again")
 
 
 def get_batch(split, iter_index, batch_index):
-    # recreate np.memmap every batch to avoid a memory leak, as per
-    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    # poor man's data loader: random windows of the token file, each batch placed by its position
+    # in the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would.
+    # A new memmap per batch avoids a memory leak (https://stackoverflow.com/questions/45132940)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = utils.batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
@@ -159,50 +161,21 @@ def get_batch(split, iter_index, batch_index):
     return x.to(device), y.to(device)
 
 
-# attempt to derive vocab_size from the dataset
-meta_path = os.path.join(data_dir, 'meta.pkl')
-meta_vocab_size = None
-if os.path.exists(meta_path):
-    meta_vocab_size = utils.load_meta(meta_path)['vocab_size']  # plain values only: a pickle can carry code
-    if master_process:
-        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-    if largest_token >= meta_vocab_size:
-        fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
-             "the two do not belong together; prepare the dataset again")
-
-# the output folder: locked while we run; another run's checkpoints are never replaced unasked,
-# and only our own half-written temp files are cleaned up
-OUR_FILES = r'ckpt\.pt|best\.pt|ckpt-\d{7}\.pt|log\.jsonl'  # what this script writes into out_dir
-if master_process and not eval_only:  # eval_only writes nothing
-    out_dir_lock = utils.lock_folder(out_dir)
-    utils.remove_stale_temps(out_dir, OUR_FILES)
-    previous_run = sorted(name for name in os.listdir(out_dir) if re.fullmatch(OUR_FILES, name))
-    if previous_run and init_from != 'resume':
-        if not overwrite:
-            fail(f"out_dir '{out_dir}' holds another run ({', '.join(previous_run)}): continue it with "
-                 "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
-        for name in previous_run:
-            os.remove(os.path.join(out_dir, name))
+# the output folder: locked while we run, another run's files kept unless asked, only our own
+# half-written temp files cleaned up; eval_only writes nothing
+OUR_FILES = r'ckpt\.pt|best\.pt|ckpt-\d{7}\.pt|log\.jsonl'
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master_process and not eval_only:
+    out_dir_lock = utils.claim_out_dir(out_dir, OUR_FILES, new_run=init_from != 'resume', overwrite=overwrite)
 if ddp and not eval_only:
-    # every rank reads checkpoints on resume: out_dir must be on a filesystem all nodes share.
-    # Each rank checks that it sees the lock file rank 0 has just written.
-    written = [open(os.path.join(out_dir, '.lock')).read() if master_process else None]
-    dist.broadcast_object_list(written)
-    try:
-        with open(os.path.join(out_dir, '.lock')) as f:
-            sees_it = f.read() == written[0]
-    except OSError:
-        sees_it = False
-    blind = torch.tensor(float(not sees_it), device=device)
-    dist.all_reduce(blind)
-    if blind.item():
-        fail(f"{int(blind.item())} process(es) cannot see out_dir '{out_dir}' as rank 0 wrote it: with several "
-             "nodes, out_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
+    utils.check_shared_folder(out_dir, device)
 
+# -----------------------------------------------------------------------------
 # model init
 iter_num = 0
 best_val_loss = float('inf')
 evals_without_improvement = 0
+last_eval_iter = None  # a checkpoint saved right after an eval must not repeat it on resume
 checkpoint = None
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout)
@@ -217,13 +190,8 @@ elif init_from == 'resume':
     hint = f" (older ones: {', '.join(older)}; copy one to ckpt.pt to use it)" if older else ""
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
-    try:  # onto the CPU: the RNG states must stay there, and the weights move with the model below
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
-        fail(f"{ckpt_path} is truncated or corrupt ({type(e).__name__}){hint}")
-    missing = {'model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'} - set(checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        fail(f"{ckpt_path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))}){hint}")
+    # onto the CPU: the RNG states must stay there, and the weights move with the model below
+    checkpoint = utils.load_checkpoint(ckpt_path, ('model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'), hint)
     if master_process:
         print(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
     try:
@@ -236,9 +204,7 @@ elif init_from == 'resume':
                  f"drop that setting to resume, or train a new model in another out_dir")
         model_args[k] = checkpoint['model_args'][k]
     block_size = model_args['block_size']  # the checkpoint's, unless given
-    tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-    iter_num = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
+    iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 else:
     if master_process:
@@ -262,20 +228,23 @@ if largest_token >= model.config.vocab_size:
          "prepare the data with the model's tokenizer")
 model.activation_checkpointing = activation_checkpointing
 model.to(device)
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
-    import plan  # one line: expected peak memory, tokens per iteration, time; warns if it will not fit
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    import plan  # one line: expected peak memory; warns if it will not fit the GPU
     print(plan.startup_line(config, ddp_world_size, device, model_args))
 raw_model = model  # unwrapped, uncompiled: what we save and measure
 
-# initialize a GradScaler. If enabled=False scaler is a no-op
+# -----------------------------------------------------------------------------
+# optimizer: fused AdamW (or 8-bit), restored exactly on resume; the scaler only for float16
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 try:
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+    optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 except ImportError:
     fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
 if checkpoint is not None:
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        optim.load_state_dict(checkpoint['optimizer'])
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, TypeError) as e:
@@ -286,21 +255,22 @@ if checkpoint is not None:
         utils.set_rng_state(rng_states[ddp_rank])
     elif master_process:
         print("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
+checkpoint = None  # free up memory
 
 # compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
 # Compiled this way round, its first call happens inside DDP's forward, so Dynamo splits the graph
 # at DDP's gradient buckets and the all-reduce overlaps the backward pass.
-if compile:
-    blocker = utils.compile_blocker(device_type)
-    if blocker:
-        if master_process:
-            print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check")
-    else:
-        if master_process:
-            print("compiling the model... (the first iteration takes a ~minute)")
-        model = torch.compile(model)
+blocker = compile and utils.compile_blocker(device_type)
+if compile and master_process:
+    print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check"
+          if blocker else "compiling the model... (the first iteration takes a ~minute)")
+if compile and not blocker:
+    model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+# -----------------------------------------------------------------------------
+# helpers, then the training loop
 
 
 @torch.no_grad()
@@ -323,79 +293,31 @@ def estimate_loss():
     return out
 
 
-def get_lr(it):
-    # learning rate decay scheduler (cosine with warmup)
-    # 1) linear warmup for warmup_iters steps
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    # 2) if it > lr_decay_iters, return min learning rate
-    if it > lr_decay_iters:
-        return min_lr
-    # 3) in between, use cosine decay down to min learning rate
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
-    return min_lr + coeff * (learning_rate - min_lr)
+def log(record, wandb_record):
+    if master_process and not eval_only:
+        utils.append_jsonl(log_path, record)
+    if master_process and wandb_log:
+        import wandb
+        wandb.log(wandb_record)
 
 
-log_path = os.path.join(out_dir, 'log.jsonl')
-
-
-def log_json(record):
-    if eval_only:
-        return  # eval_only writes nothing into out_dir
-    try:
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-    except OSError as e:
-        fail(f"could not write {log_path} ({utils.write_failure(e, out_dir)}): free disk space and resume")
-
-
-def trim_log(resume_iter, keep_eval):
-    # drop lines a killed run wrote after its last checkpoint: the resumed run writes them again
-    if not os.path.exists(log_path):
-        return
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip().endswith('}')]
-    kept = [r for r in records if r['iter'] < resume_iter or (r['iter'] == resume_iter and 'val_loss' in r and keep_eval)]
-    try:
-        utils.atomic_write_text(log_path, ''.join(json.dumps(r) + '\n' for r in kept))
-    except OSError as e:
-        fail(f"could not rewrite {log_path} ({utils.write_failure(e, out_dir)}): free disk space and resume")
-
-
-last_saved_iter = iter_num if checkpoint is not None else None
-
-
-def save_checkpoint(is_best):
-    """Atomically write ckpt.pt (every process's RNG included); keep the previous one as
-    ckpt-<iter>.pt (keep_last of them) and the best-val one as best.pt."""
-    global last_saved_iter
-    rng = utils.get_rng_state()
-    rng_states = [None] * ddp_world_size
+def save_checkpoint(is_best, previous_iter):
+    """Atomically write ckpt.pt (every process's RNG included); keep the one saved at previous_iter
+    as ckpt-<iter>.pt (keep_last of them) and the best-val one as best.pt. Returns iter_num."""
+    rng_states = [None] * ddp_world_size if ddp else [utils.get_rng_state()]
     if ddp:
-        dist.all_gather_object(rng_states, rng)
-    else:
-        rng_states = [rng]
+        dist.all_gather_object(rng_states, utils.get_rng_state())
     if not master_process:
-        last_saved_iter = iter_num
-        return
-    ckpt = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_args': model_args,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'evals_without_improvement': evals_without_improvement,
-        'last_eval_iter': last_eval_iter,
-        'config': config,
-        'rng': rng_states,
-    }
+        return iter_num
+    ckpt = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
+            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
+            'config': config, 'rng': rng_states}
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     print(f"saving checkpoint to {out_dir} (iter {iter_num})")
     try:
-        if keep_last > 0 and last_saved_iter is not None and os.path.exists(ckpt_path):
-            utils.link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{last_saved_iter:07d}.pt'))
+        if keep_last > 0 and previous_iter is not None and os.path.exists(ckpt_path):
+            utils.link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{previous_iter:07d}.pt'))
         utils.atomic_torch_save(ckpt, ckpt_path)
         if is_best:
             utils.link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
@@ -404,33 +326,7 @@ def save_checkpoint(is_best):
              "the previous one is intact: free disk space and resume")
     for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[:-keep_last or None]:
         os.remove(old)
-    last_saved_iter = iter_num
-
-
-# SIGTERM (spot instances, schedulers) and Ctrl-C: finish the step, save, exit cleanly
-stop_signal = None
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signal.Signals(signum).name
-    signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
-
-
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
-
-# a checkpoint written right after an eval should not repeat it; one written on a signal may not have had it
-last_eval_iter = checkpoint.get('last_eval_iter') if checkpoint is not None else None
-# logging
-if master_process:
-    if checkpoint is not None and not eval_only:
-        trim_log(iter_num, keep_eval=last_eval_iter == iter_num)
-    if wandb_log:
-        utils.init_wandb(wandb_project, wandb_run_name, config)
-checkpoint = None  # free up memory
-
-# training loop
+    return iter_num
 
 
 def get_train_batch(iter_index, micro_step):
@@ -438,6 +334,13 @@ def get_train_batch(iter_index, micro_step):
     return get_batch('train', iter_index, micro_step * ddp_world_size + ddp_rank)
 
 
+last_saved_iter = iter_num if init_from == 'resume' else None
+if master_process and init_from == 'resume' and not eval_only:  # lines a killed run wrote past its checkpoint
+    utils.trim_jsonl(log_path, lambda r: r.get('iter', iter_num) < iter_num or (
+        r.get('iter') == iter_num and 'val_loss' in r and last_eval_iter == iter_num))
+if master_process and wandb_log:
+    utils.init_wandb(wandb_project, wandb_run_name, config)
+stop_signals, _ = utils.catch_stop_signals()  # SIGTERM and Ctrl-C: finish the step, save, exit cleanly
 X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
 # No host-device sync in a plain iteration: the loss and the non-finite counts stay on the device
 # and are read at log iterations and every check_every iterations (the stop signals then too)
@@ -447,11 +350,11 @@ nonfinite_in_a_row = torch.zeros((), device=device)
 nonfinite_total = torch.zeros((), device=device)
 stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
 params = [p for p in raw_model.parameters() if p.requires_grad]
-skip_on_device = all(group.get('fused') for group in optimizer.param_groups)  # fused AdamW takes found_inf
+skip_on_device = all(group.get('fused') for group in optim.param_groups)  # fused AdamW takes found_inf
 while True:
     # determine and set the learning rate for this iteration
-    lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
+    lr = utils.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
+    for param_group in optim.param_groups:
         param_group['lr'] = lr
 
     # evaluate the loss on train/val sets and write checkpoints
@@ -459,20 +362,15 @@ while True:
         losses = estimate_loss()
         last_eval_iter = iter_num
         improved = losses['val'] < best_val_loss
-        if improved:
-            best_val_loss = losses['val']
-            evals_without_improvement = 0
-        else:
-            evals_without_improvement += 1
+        best_val_loss = min(best_val_loss, losses['val'])
+        evals_without_improvement = 0 if improved else evals_without_improvement + 1
         if master_process:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   f" (best {best_val_loss:.4f})")
-            log_json({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']})
-            if wandb_log:
-                import wandb
-                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
+        log({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']},
+            {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
         if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
-            save_checkpoint(is_best=improved)
+            last_saved_iter = save_checkpoint(improved, last_saved_iter)
         if patience and evals_without_improvement >= patience:
             if master_process:
                 print(f"early stopping: val loss has not improved for {patience} evals (best {best_val_loss:.4f})")
@@ -497,59 +395,54 @@ while True:
             X, Y = get_train_batch(iter_num + 1, 0)
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optim)
     # the norm is the same on every process (gradients are all-reduced): a shared skip decision
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
     skipped = ~torch.isfinite(grad_norm)
     if scaler.is_enabled():
-        scaler.step(optimizer)  # fp16: the scaler skips non-finite steps itself
+        scaler.step(optim)  # fp16: the scaler skips non-finite steps itself
     elif skip_on_device:
-        optimizer.found_inf = skipped.float()  # fused AdamW leaves weights and state as they were: no sync
-        optimizer.step()
+        optim.found_inf = skipped.float()  # fused AdamW leaves weights and state as they were: no sync
+        optim.step()
     elif not skipped.item():  # other optimizers: decide on the host
-        optimizer.step()
+        optim.step()
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optim.zero_grad(set_to_none=True)
     nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
     nonfinite_total += skipped
     it, iter_num = iter_num, iter_num + 1
-    stop_requested = stop_signal is not None
 
     # the points where we wait for the device: logging, non-finite counts, stop signals under DDP
     log_now = it % log_interval == 0
-    if not (log_now or it % check_every == 0 or iter_num == max_iters or (stop_requested and not ddp)):
+    if not (log_now or it % check_every == 0 or iter_num == max_iters or (stop_signals and not ddp)):
         continue
-    stats = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=device), nonfinite_in_a_row])
+    stats = torch.stack([loss_sum, torch.tensor(float(bool(stop_signals)), device=device), nonfinite_in_a_row])
     if ddp:
         dist.all_reduce(stats)  # the loss is averaged, a stop on any rank stops all; the count is the same on all
     loss_value, stops, in_a_row = (value / ddp_world_size for value in stats.tolist())  # one sync
     stop_requested, in_a_row = stops > 0, round(in_a_row)
     if in_a_row and master_process:
         print(f"iter {it}: non-finite loss/gradients, step skipped ({in_a_row} in a row)")
-    if in_a_row >= max_nonfinite_steps:
-        saved = f"iter {last_saved_iter}" if last_saved_iter is not None else "none saved yet"
-        fail(f"loss was not finite for {in_a_row} iterations in a row (last at iter {it}): "
-             f"lower learning_rate, or use dtype=bfloat16 if on float16; the last checkpoint ({saved}) is untouched")
+    utils.stop_if_diverged(in_a_row, max_nonfinite_steps, f"iterations in a row (last at iter {it})",
+                           "lower learning_rate, or use dtype=bfloat16 if on float16",
+                           f"iter {last_saved_iter}" if last_saved_iter is not None else None)
     if log_now and master_process:
         t1 = time.time()
         dt, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num  # mean over the iterations since the last log
         mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
-        tok_per_s = tokens_per_iter / dt
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
         print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-              f"tok/s {tok_per_s:,.0f}, mfu {mfu_text}")
-        log_json({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tok_per_s, 'mfu': mfu})
-        if wandb_log:
-            import wandb
-            wandb.log({"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tok_per_s})
+              f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}")
+        log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tokens_per_iter / dt, 'mfu': mfu},
+            {"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tokens_per_iter / dt})
     if stop_requested:
         if master_process:
-            print(f"received {stop_signal or 'a stop request'}: saving a checkpoint and exiting")
+            print(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
         break
 
 # the state to resume from: at the end of a run, and on SIGTERM/SIGINT whatever the settings
 if not eval_only and iter_num > 0 and last_saved_iter != iter_num and (always_save_checkpoint or stop_requested):
-    save_checkpoint(is_best=False)
+    last_saved_iter = save_checkpoint(False, last_saved_iter)
 if nonfinite_total.item() and master_process:
     print(f"{int(nonfinite_total.item())} steps were skipped for non-finite loss")
 if ddp:

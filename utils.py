@@ -4,11 +4,15 @@ resolution, an out_dir lock, crash-safe writes, RNG state for exact resume, safe
 metadata, and a wandb start that falls back to offline instead of crashing.
 """
 import errno
+import json
+import math
 import os
 import pickle
 import random
 import re
+import resource
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -176,6 +180,40 @@ def remove_stale_temps(folder, final_names):
             os.remove(os.path.join(folder, name))
 
 
+def claim_out_dir(folder, our_files, new_run, overwrite):
+    """train.py's out_dir for this run: locked, our half-written temp files of a killed run
+    removed, and another run's files (our_files, a regex) kept unless overwrite. Returns the lock."""
+    lock = lock_folder(folder)
+    remove_stale_temps(folder, our_files)
+    previous_run = sorted(name for name in os.listdir(folder) if re.fullmatch(our_files, name))
+    if previous_run and new_run:
+        if not overwrite:
+            fail(f"out_dir '{folder}' holds another run ({', '.join(previous_run)}): continue it with "
+                 "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
+        for name in previous_run:
+            os.remove(os.path.join(folder, name))
+    return lock
+
+
+def check_shared_folder(folder, device):
+    """Under DDP: every rank sees the lock file rank 0 has just written in folder, else several
+    nodes do not share it (rank 0 writes checkpoints, every rank reads them on resume)."""
+    import torch.distributed as dist
+    path = os.path.join(folder, ".lock")
+    written = [open(path).read() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(written)
+    try:
+        with open(path) as f:
+            sees_it = f.read() == written[0]
+    except OSError:
+        sees_it = False
+    blind = torch.tensor(float(not sees_it), device=device)
+    dist.all_reduce(blind)
+    if blind.item():
+        fail(f"{int(blind.item())} process(es) cannot see out_dir '{folder}' as rank 0 wrote it: with several "
+             "nodes, out_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
+
+
 # -----------------------------------------------------------------------------
 # crash-safe writes: a temp file, fsync, then an atomic rename over the target
 
@@ -245,6 +283,75 @@ def fsync_dir(folder):
 
 
 # -----------------------------------------------------------------------------
+# the training loop's mechanics, the same in train.py and train_ds.py
+
+def cosine_lr(step, max_lr, min_lr, warmup, decay_steps):
+    """Linear warmup over `warmup` steps, then a cosine from max_lr to min_lr at decay_steps; min_lr after."""
+    if step < warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def catch_stop_signals():
+    """SIGTERM (spot instances, schedulers) and Ctrl-C: note the signal's name so the loop finishes
+    its step, saves and exits; a second one stops at once. Returns (the names caught, a function
+    that puts the previous handlers back)."""
+    caught = []
+
+    def note(signum, frame):
+        caught.append(signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return caught, lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+
+def stop_if_diverged(in_a_row, limit, what, advice, last_checkpoint):
+    """Each non-finite step is skipped; `limit` of them in a row end the run, the checkpoint kept."""
+    if in_a_row >= limit:
+        fail(f"loss was not finite for {in_a_row} {what}: {advice}; the last checkpoint "
+             f"({last_checkpoint or 'none saved yet'}) is untouched")
+
+
+def append_jsonl(path, record):
+    """One line of a run's log.jsonl; a full disk is one line, not a traceback."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        fail(f"could not write {path} ({write_failure(e, os.path.dirname(os.path.abspath(path)))}): "
+             "free disk space and resume")
+
+
+def trim_jsonl(path, keep):
+    """Keep the records of a log for which keep(record) holds (a resumed run writes the later ones
+    again); a line a kill cut short goes too. Rewritten atomically: a kill meanwhile loses nothing."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and keep(record):
+                kept.append(line)
+    try:
+        atomic_write_text(path, "".join(kept))
+    except OSError as e:
+        fail(f"could not rewrite {path} ({write_failure(e, os.path.dirname(os.path.abspath(path)))}): "
+             "free disk space and resume")
+
+
+def peak_memory_gib(device_type):
+    """The run's peak: what PyTorch allocated on a GPU, the process's max RSS elsewhere."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
 # exact resume: every RNG the next step may draw from
 
 def get_rng_state():
@@ -295,6 +402,19 @@ def batch_offsets(seed, split, iter_index, batch_index, count, high):
     for part in (seed, split, iter_index, batch_index):
         key = splitmix64(key ^ (part & MASK64))  # & MASK64: iteration -1 (evals) hashes like any other
     return [splitmix64(key ^ i) % high for i in range(count)]
+
+
+def load_checkpoint(path, required, hint="", mmap=False):
+    """A train.py checkpoint read onto the CPU (with mmap, a tensor is read only when used), checked
+    to be a dict holding the keys `required`. hint ends the error lines."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as e:  # a damaged file: whatever torch.load raises, the file is at fault
+        fail(f"{path} is truncated or corrupt ({type(e).__name__}){hint}")
+    missing = set(required) - set(checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        fail(f"{path} is not a train.py checkpoint (it lacks {', '.join(sorted(missing))}){hint}")
+    return checkpoint
 
 
 # -----------------------------------------------------------------------------
