@@ -23,18 +23,41 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--warmup_iters=2', '--log_interval=1']
 
 
-def run_script(script, *args, timeout=300, env=None, **kwargs):
-    """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
-    cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=dict(ENV, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def command(script, *args, torchrun=0):
+    """The command line that runs one of the repo's scripts, under torchrun with that many processes."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}'] \
+        if torchrun else [sys.executable]
+    return [*launcher, os.path.join(REPO, script), *map(str, args)]
+
+
+def run_script(script, *args, timeout=300, env=None, torchrun=0, **kwargs):
+    """Run one of the repo's scripts as a user would (from the repo root); returns the CompletedProcess."""
+    return subprocess.run(command(script, *args, torchrun=torchrun), cwd=kwargs.pop('cwd', REPO),
+                          env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_script(script, *args, torchrun=0, env=None, **kwargs):
+    """Start one of the repo's scripts and return the Popen (for signals and kills)."""
+    kwargs.setdefault('stdout', subprocess.DEVNULL)
+    kwargs.setdefault('stderr', subprocess.PIPE)
+    return subprocess.Popen(command(script, *args, torchrun=torchrun), cwd=REPO, env=dict(ENV, **(env or {})),
+                            text=True, **kwargs)
 
 
 def torchrun(*args, nproc=2, timeout=300, env=None):
     """train.py under torchrun with nproc processes (gloo on the CPU)."""
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(REPO, 'train.py'), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=timeout)
+    return run_script('train.py', *args, torchrun=nproc, timeout=timeout, env=env)
+
+
+def tiny_hf_gpt2(folder, seed=0, **sizes):
+    """A random Hugging Face GPT2LMHeadModel saved to folder (1 layer, width 16, unless sizes say)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(GPT2Config(**dict(config, **sizes))).eval()
+    model.save_pretrained(folder)
+    return model
 
 
 def run_inline(script, *args):
@@ -75,6 +98,14 @@ def read_log(out_dir):
     import json
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+def free_port():
+    """A TCP port no one listens on now (a launcher's rendezvous must not collide with another test's)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def kill_one_torchrun_worker(proc, timeout=90):

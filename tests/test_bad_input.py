@@ -9,14 +9,13 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ENV, REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, wait_for
+from conftest import (REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, start_script,
+                      tiny_hf_gpt2, wait_for)
 
 
 # -----------------------------------------------------------------------------
@@ -68,18 +67,13 @@ def write_checkpoint(folder, checkpoint, finished_run=None):
     return str(folder)
 
 
-def tiny_hf_gpt2(folder):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100, n_positions=32)).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope='module')
 def bad(finished_run, tmp_path_factory):
     """name -> path of each broken input, for the {name} placeholders in the tables."""
     root = tmp_path_factory.mktemp('bad')
     chars = {'stoi': {'a': 0, 'b': 1}, 'itos': {0: 'a', 1: 'b'}}
     good = torch.load(os.path.join(finished_run, 'ckpt.pt'), weights_only=True)
+    tiny_hf_gpt2(root / 'hf')
     paths = {
         'short_data': write_tokens(root / 'short', range(20)),
         'odd_bytes': write_tokens(root / 'odd', range(1000)),
@@ -93,7 +87,7 @@ def bad(finished_run, tmp_path_factory):
         'ckpt_wrong_weights': write_checkpoint(root / 'ckpt_wrong_weights',
                                                dict(good, model_args=dict(good['model_args'], n_embd=64))),
         'ckpt_bad_args': write_checkpoint(root / 'ckpt_bad_args', dict(good, model_args=dict(good['model_args'], n_head=0))),
-        'hf': tiny_hf_gpt2(root / 'hf'),
+        'hf': str(root / 'hf'),
         'hf_no_config': str(root / 'hf_no_config'),
         'not_utf8': str(root / 'latin1.py'),
         'prompt_not_utf8': str(root / 'prompt.txt'),
@@ -258,8 +252,7 @@ def test_start_up_cleanup_deletes_only_our_own_temp_files(results, char_data):
 def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_goes_on(char_data, tmp_path):
     out = tmp_path / 'out'
     args = [*TINY, f'--dataset={char_data}', f'--out_dir={out}', '--eval_interval=100000']
-    first = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args, '--max_iters=100000'], cwd=REPO,
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = start_script('train.py', *args, '--max_iters=100000')
     try:
         assert wait_for(lambda: (out / 'log.jsonl').exists(), 60)
         second = run_script('train.py', *args, '--init_from=resume', '--max_iters=5')
@@ -392,8 +385,7 @@ def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
     # a config file runs while the script starts: it says so, then waits for our Ctrl-C
     started = tmp_path / 'started'
     (tmp_path / 'slow_config.py').write_text(f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), str(tmp_path / 'slow_config.py')], cwd=REPO,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_script(script, tmp_path / 'slow_config.py')
     assert wait_for(started.exists, 60)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

@@ -1,14 +1,11 @@
 """bench.py on a tiny config: one table row and one JSON line with the fields BENCHMARKS.md records."""
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_one_line_error, run_script
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return run_script("bench.py", *args, timeout=120)
 
 
 def test_bench_prints_a_table_row_and_a_json_line_on_cpu():
@@ -24,5 +21,4 @@ def test_bench_prints_a_table_row_and_a_json_line_on_cpu():
 
 
 def test_bench_rejects_an_unknown_setting_in_one_line():
-    out = run_bench("--batch_sise=2")
-    assert out.returncode != 0 and out.stderr.strip().startswith("error: unknown setting --batch_sise")
+    assert_one_line_error(run_bench("--batch_sise=2"), "error: unknown setting --batch_sise")

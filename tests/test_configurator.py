@@ -1,7 +1,9 @@
 import glob
+import math
 import os
 
 import pytest
+import torch
 
 from conftest import REPO
 from configurator import ConfigError, configure, read_defaults
@@ -78,4 +80,6 @@ def test_every_shipped_config_parses_and_builds_a_shrunk_model(path):
     model = GPT(GPTConfig(n_layer=1, n_head=config['n_head'], n_embd=4 * config['n_head'],
                           block_size=min(config['block_size'], 64), vocab_size=65, bias=config['bias'],
                           dropout=config['dropout']))
-    assert model.get_num_params() > 0
+    idx = torch.randint(0, 65, (2, model.config.block_size))
+    _, loss = model(idx, idx)
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(65)) < 1.0  # an untrained model: about uniform

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import hardware
+from conftest import tiny_hf_gpt2
 from model import GPT, GPTConfig, sample_next
 
 
@@ -13,11 +14,7 @@ def tiny_gpt(**overrides):
 
 
 def test_logits_match_huggingface_gpt2(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32,
-                                    bos_token_id=0, eos_token_id=0)).eval()
-    hf.save_pretrained(tmp_path)
+    hf = tiny_hf_gpt2(tmp_path, n_layer=2, n_head=4, n_embd=64)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 100, (2, 32))
     with torch.no_grad():

@@ -5,24 +5,18 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import utils
-from conftest import ENV, REPO, TINY, kill_one_torchrun_worker, read_log, run_script, wait_for
+from conftest import TINY, kill_one_torchrun_worker, read_log, run_script, start_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
 KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
              '--gradient_accumulation_steps=1', '--compile=False', '--device=cpu', '--eval_iters=1',
              '--eval_interval=2', '--log_interval=1', '--warmup_iters=2', '--dropout=0.1', '--max_iters=80']
-
-
-def start_train(*args):
-    cmd = [sys.executable, os.path.join(REPO, 'train.py'), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def mtime(path):
@@ -40,7 +34,7 @@ def test_kill_9_at_random_moments_then_resume_finishes_like_an_uninterrupted_run
     while kills < 20 or (kills_in_save < 5 and kills < 40):  # a fast disk saves quickly: try more often
         resume = (out / 'ckpt.pt').exists()
         # a run killed before its first checkpoint left only a log: start over, replacing it
-        proc = start_train(*args, f'--out_dir={out}', '--init_from=resume' if resume else '--overwrite=True')
+        proc = start_script('train.py', *args, f'--out_dir={out}', '--init_from=resume' if resume else '--overwrite=True')
         if kills % 2:  # let one save complete, then kill inside the next one
             saved_at = mtime(out / 'ckpt.pt')
             wait_for(lambda: mtime(out / 'ckpt.pt') != saved_at or proc.poll() is not None, 60)
@@ -67,7 +61,7 @@ def test_kill_9_at_random_moments_then_resume_finishes_like_an_uninterrupted_run
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, char_data, tmp_path):
     out = tmp_path / 'out'
-    proc = start_train(*TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=100000',
+    proc = start_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=100000',
                        '--eval_interval=100000')
     assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out)) >= 4, 60)
     proc.send_signal(sig)
@@ -98,10 +92,8 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(char_dat
 
 def test_a_dying_ddp_rank_ends_the_whole_job(char_data, tmp_path):
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(REPO, 'train.py'), *TINY, f'--dataset={char_data}', f'--out_dir={out}',
-           '--max_iters=100000', '--eval_interval=100000']
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=100000',
+                        '--eval_interval=100000', torchrun=2, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: (out / 'log.jsonl').exists() and len(read_log(out)) >= 3, 120)
         assert kill_one_torchrun_worker(proc) != 0

@@ -22,12 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_ds  # noqa: E402
-from conftest import kill_one_torchrun_worker, read_log, wait_for  # noqa: E402
-from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl  # noqa: E402
+import train_ds
+from conftest import (REPO, assert_one_line_error, command, free_port, kill_one_torchrun_worker, read_log,
+                      run_script, start_script, wait_for)
+from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
 
 TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
 
@@ -35,8 +33,8 @@ TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
-    subprocess.run([sys.executable, os.path.join(ROOT, "data/vlm_demo/prepare.py"), "--out-dir", str(root / "demo"),
-                    "--num-train", "12", "--num-val", "4", "--size", "56"], check=True, capture_output=True)
+    assert run_script("data/vlm_demo/prepare.py", "--out-dir", root / "demo", "--num-train", 12, "--num-val", 4,
+                      "--size", 56).returncode == 0
     paths = {"root": root, "qwen": str(write_qwen2_vl(str(root / "qwen"))), "llava": str(write_llava(str(root / "llava"))),
              "train": str(root / "demo" / "train.json"), "val": str(root / "demo" / "val.jsonl")}
     paths["args"] = ["--model", paths["qwen"], "--trust-remote-code", "--data", paths["train"], *TINY_IMAGES,
@@ -49,7 +47,7 @@ def error_of(argv):
     with pytest.raises(SystemExit) as exit_info:
         train_ds.main(argv)
     message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    assert_one_line_error((1, message), "")
     return message
 
 
@@ -177,11 +175,12 @@ def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
     no_template = write_no_template_copy(work["qwen"], str(tmp_path / "no-template"))
     assert "no chat template" in error_of([*base, "--model", no_template, "--no-deepspeed"])
     assert "not found" in error_of([*base, "--data", str(tmp_path / "missing.json"), "--no-deepspeed"])
-    assert "4-bit with ZeRO-3" not in error_of([*base, "--use-4bit", "--no-deepspeed"])  # needs --use-lora
+    assert error_of([*base, "--use-4bit", "--no-deepspeed"]) == (
+        "error: --use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     assert "pip install bitsandbytes" in error_of([*base, "--use-4bit", "--use-lora", "--no-deepspeed"])
     monkeypatch.undo()
-    zero3 = os.path.join(ROOT, "ds_config_zero3.json")
+    zero3 = os.path.join(REPO, "ds_config_zero3.json")
     assert "ZeRO-3" in error_of([*base, "--use-4bit", "--use-lora", "--deepspeed", zero3])
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
     assert "--resume" in error_of([*base, "--no-deepspeed", "--use-lora"])  # never trains over old results
@@ -192,12 +191,9 @@ def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
 def test_cli_error_exits_nonzero_without_traceback(work, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_ds.py"), "--no-deepspeed", "--data", str(bad),
-                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
-    assert result.stderr.startswith(f"error: {bad} is not valid JSON")
+    result = run_script("train_ds.py", "--no-deepspeed", "--data", bad, "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert_one_line_error(result, f"error: {bad} is not valid JSON")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 BAD_FLAGS = [  # (flags added to a good command line, exit code, what the one error line must say)
@@ -286,8 +282,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(work, tmp_path):
 
 
 def test_ctrl_c_while_starting_is_one_line_without_traceback(tmp_path):
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), "--no-deepspeed", "--output-dir",
-                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    process = start_script("train_ds.py", "--no-deepspeed", "--output-dir", tmp_path / "out")
     # torch's libraries mapped: the script is inside `import torch`, past its first lines, ~0.3 s after the start
     assert wait_for(lambda: process.poll() is not None or "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(), 60)
     process.send_signal(signal.SIGINT)
@@ -451,9 +446,9 @@ def deepspeed_run(work, output_dir, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on a small CPU: oversubscribed threads crawl
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))  # op built once
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this env's
-    command = [launcher, "--num_gpus=2", "--master_port", str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train_ds.py"),
-               *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=420, cwd=ROOT)
+    args = [launcher, "--num_gpus=2", "--master_port", str(free_port()), *command("train_ds.py")[1:],
+            *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=420, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return read_log(output_dir)
 
@@ -474,7 +469,7 @@ def test_deepspeed_zero3_text_only_samples_run_and_adapter_is_not_empty(work, tm
     data = write_data(work["root"] / "demo", records, "mixed.json")
     output_dir = str(tmp_path / "zero3")
     deepspeed_run(work, output_dir, ["--data", data, "--max-steps", "4", "--save-steps", "4",
-                                     "--deepspeed", os.path.join(ROOT, "ds_config_zero3.json")])
+                                     "--deepspeed", os.path.join(REPO, "ds_config_zero3.json")])
     adapter = load_file(os.path.join(output_dir, "checkpoint-4", "adapter_model.safetensors"))
     lora_a = [t for name, t in adapter.items() if "lora_A" in name]
     assert lora_a and all(t.shape[0] == 16 and t.shape[1] > 0 and t.abs().sum() > 0 for t in lora_a)
@@ -482,9 +477,9 @@ def test_deepspeed_zero3_text_only_samples_run_and_adapter_is_not_empty(work, tm
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
     output_dir = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), *work["args"], "--no-deepspeed",
-                                "--use-lora", "--max-steps", "1000", "--save-steps", "1000", "--output-dir", str(output_dir)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    process = start_script("train_ds.py", *work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "1000",
+                           "--save-steps", "1000", "--output-dir", output_dir, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
     for line in process.stdout:
         if line.startswith("step 2/"):
             process.send_signal(signal.SIGTERM)
@@ -538,8 +533,8 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
         saved = train_ds.checkpoint_steps(output_dir)
         stale = temp_folders()
         with open(output, "w") as f:
-            process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ds.py"), *args, "--output-dir", output_dir,
-                                        *(["--resume"] if saved else [])], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            process = start_script("train_ds.py", *args, "--output-dir", output_dir, *(["--resume"] if saved else []),
+                                   stdout=f, stderr=subprocess.STDOUT)
         # kill a random number of steps after the checkpoint (at a random moment within a step), or inside a save
         target = (saved[-1] if saved else 0) + (1 if kills % 2 else rng.randint(1, 8))
         assert wait_for(lambda: f"step {target}/" in output.read_text() or process.poll() is not None, 180)
@@ -567,11 +562,8 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
 
 def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
     output_dir = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "train_ds.py"), *work["args"], "--use-lora", "--max-steps", "100000",
-               "--save-steps", "100000", "--output-dir", str(output_dir)]
-    process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_script("train_ds.py", *work["args"], "--use-lora", "--max-steps", "100000", "--save-steps", "100000",
+                           "--output-dir", output_dir, torchrun=2, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         log_path = output_dir / "log.jsonl"
         assert wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") >= 2, 180)
