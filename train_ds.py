@@ -9,7 +9,28 @@ questions and answers: LoRA or QLoRA, on one GPU or many with DeepSpeed ZeRO.
 
 The heavy lifting is done by the model's own processor and chat template (transformers), peft,
 bitsandbytes and DeepSpeed. Our own code: reading and checking the data, masking the loss to the
-assistant's replies, and checkpoints that survive crashes and ZeRO-3.
+assistant's replies, and checkpoints that survive crashes and ZeRO-3. `--help` lists every flag.
+
+Labels: the loss is on the assistant's replies only, each with its end-of-turn token. The replies
+are found by rendering the conversation turn by turn with the model's chat template, so any
+template that renders turns in order works. Long samples are never truncated (a cut could land
+inside an image's tokens): they stop the run, or --skip-long drops and counts them.
+
+DeepSpeed: batch size, accumulation, precision and clipping come from the flags and are written
+into the ZeRO config (which must hold no "auto"); the optimizer and schedule are ours (AdamW;
+DeepSpeed's CPU Adam under optimizer offload). overlap_comm is off in the shipped configs: it is
+known to give NaN or zero losses. Under ZeRO-3 a batch without any image gets a fully masked blank
+image, so every rank runs the vision tower and none waits forever for the others; 4-bit weights
+need --bf16/--fp16 there (ZeRO-3 splits only floating-point storage: bnb_4bit_quant_storage).
+
+Checkpoints: out-vlm/checkpoint-N/ holds the adapter (or the full model), the processor,
+run_args.json, the optimizer (DeepSpeed's files under deepspeed/, sharded per rank, or
+trainer_state.pt) and every rank's RNG state; under ZeRO-3 the weights are gathered first (else
+the adapter would be empty). It is written to .tmp-checkpoint-N/, synced, then renamed into
+place: a crash or a full disk mid-save leaves the older ones intact. SIGTERM or Ctrl-C finishes
+the step, saves and exits (with the deepspeed launcher, signal the training processes: it kills
+its children a few seconds after a signal). --resume continues with the same weights, optimizer,
+step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (tested).
 """
 import argparse
 import functools
