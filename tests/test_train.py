@@ -6,6 +6,22 @@ import torch
 from conftest import REPO, TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
 
 
+def train_briefly(char_data, out, iters=2):
+    """A finished tiny run in out (its checkpoint at iter `iters`)."""
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', f'--max_iters={iters}',
+                   f'--eval_interval={iters}')
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_same_losses(a_dir, b_dir, tolerance):
+    for a, b in zip(read_log(a_dir), read_log(b_dir), strict=True):
+        assert a['iter'] == b['iter']
+        for key in ('loss', 'val_loss', 'train_loss'):
+            if key in a:
+                assert abs(a[key] - b[key]) < tolerance, (key, a, b)
+
+
 def test_val_loss_falls_and_best_is_never_overwritten(char_data, tmp_path):
     out = tmp_path / 'out'
     r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=60',
@@ -24,9 +40,7 @@ def test_val_loss_falls_and_best_is_never_overwritten(char_data, tmp_path):
 
 
 def test_sample_from_a_fresh_checkpoint(char_data, tmp_path):
-    out = tmp_path / 'out'
-    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=4',
-                      '--eval_interval=2').returncode == 0
+    out = train_briefly(char_data, tmp_path / 'out', iters=4)
     r = run_script('sample.py', f'--out_dir={out}', '--num_samples=2', '--max_new_tokens=40', '--start=ROMEO:',
                    '--device=cpu')
     assert r.returncode == 0, r.stderr
@@ -50,11 +64,7 @@ def test_two_ddp_processes_train_like_one_with_the_same_global_batch(char_data, 
     single = run_script('train.py', *args, f'--out_dir={tmp_path / "single"}')
     ddp = torchrun(*args, f'--out_dir={tmp_path / "ddp"}')
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr
-    for a, b in zip(read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp'), strict=True):
-        assert a['iter'] == b['iter']
-        for key in ('loss', 'val_loss', 'train_loss'):
-            if key in a:
-                assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', 1e-5)
 
 
 def losses_after(out_dir, n):
@@ -125,10 +135,7 @@ def test_compiled_training_runs_and_matches_eager(char_data, tmp_path):
     compiled = run_script('train.py', *args, '--compile=True', f'--out_dir={tmp_path / "compiled"}', timeout=600)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     assert 'compiling the model' in compiled.stdout
-    for a, b in zip(read_log(tmp_path / 'eager'), read_log(tmp_path / 'compiled'), strict=True):
-        for key in ('loss', 'val_loss'):
-            if key in a:
-                assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+    assert_same_losses(tmp_path / 'eager', tmp_path / 'compiled', 1e-3)
 
 
 def test_compiled_ddp_trains_like_one_eager_process(char_data, tmp_path):
@@ -139,10 +146,7 @@ def test_compiled_ddp_trains_like_one_eager_process(char_data, tmp_path):
     ddp = torchrun(*args, '--compile=True', f'--out_dir={tmp_path / "ddp"}', timeout=600, env=dict(TORCH_LOGS='dynamo'))
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-3000:]
     assert 'DDPOptimizer used bucket cap' in ddp.stderr  # the graph was split for gradient-bucket overlap
-    for a, b in zip(read_log(tmp_path / 'single'), read_log(tmp_path / 'ddp'), strict=True):
-        for key in ('loss', 'val_loss'):
-            if key in a:
-                assert abs(a[key] - b[key]) < 1e-3, (key, a, b)
+    assert_same_losses(tmp_path / 'single', tmp_path / 'ddp', 1e-3)
 
 
 def test_a_plain_iteration_does_not_wait_for_the_device(char_data, tmp_path, monkeypatch):
@@ -160,9 +164,7 @@ def test_a_plain_iteration_does_not_wait_for_the_device(char_data, tmp_path, mon
 
 def test_checkpoints_are_read_onto_the_cpu(char_data, tmp_path, monkeypatch):
     # on a GPU, RNG states loaded onto the device crashed every resume; sampling held the optimizer there
-    out = tmp_path / 'out'
-    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
-                      '--eval_interval=2').returncode == 0
+    out = train_briefly(char_data, tmp_path / 'out')
     placed = []
     load = torch.load
     monkeypatch.setattr(torch, 'load', lambda *a, **k: placed.append((k.get('map_location'), k.get('mmap'))) or load(*a, **k))
@@ -175,9 +177,7 @@ def test_checkpoints_are_read_onto_the_cpu(char_data, tmp_path, monkeypatch):
 
 def test_sample_draws_all_samples_in_one_batch(char_data, tmp_path, monkeypatch):
     from model import GPT
-    out = tmp_path / 'out'
-    assert run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
-                      '--eval_interval=2').returncode == 0
+    out = train_briefly(char_data, tmp_path / 'out')
     batches = []
     generate = GPT.generate
     monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: batches.append(idx.shape[0]) or generate(self, idx, *a, **k))
