@@ -25,9 +25,9 @@ from contextlib import nullcontext
 
 import torch
 
-import plan
 import utils
 from configurator import ConfigError, configure, read_defaults
+from memory import gpt_shape
 from model import GPT, GPTConfig
 
 config = read_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
@@ -47,7 +47,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
-shape = plan.gpt_shape(config)  # the shape train.py would build (init_from gpt2* sizes, meta.pkl vocab)
+shape = gpt_shape(config)  # the shape train.py would build (init_from gpt2* sizes, meta.pkl vocab)
 model_args = {k: shape[k] for k in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")}
 model = GPT(GPTConfig(block_size=config["block_size"], dropout=config["dropout"], **model_args)).to(device)
 model.activation_checkpointing = config["activation_checkpointing"]

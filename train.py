@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import memory
 import utils
 from configurator import ConfigError, configure
 from model import GPT, GPTConfig
@@ -231,8 +232,7 @@ model.to(device)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    import plan  # one line: expected peak memory; warns if it will not fit the GPU
-    print(plan.startup_line(config, ddp_world_size, device, model_args))
+    print(memory.gpt_start_line(config, ddp_world_size, device, model_args))  # warns if it will not fit the GPU
 raw_model = model  # unwrapped, uncompiled: what we save and measure
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,18 @@
-"""plan.py's byte counts against the real tensors after one optimizer step, and its README tables."""
+"""memory.py's byte counts against the real tensors after one optimizer step; plan.py's MFU source,
+its docs/PLANNING.md tables and the start-up lines of the training scripts."""
+import ast
+import json
 import os
+import shutil
 import sys
-import tempfile
+import types
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import memory  # noqa: E402
 import plan  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -29,26 +34,52 @@ def one_step(model, optimizer, loss):
     optimizer.step()
 
 
+def tiny_gpt_shape(bias=True):
+    return dict(n_layer=2, n_head=2, n_embd=64, block_size=16, bias=bias, vocab_size=96)
+
+
+# -----------------------------------------------------------------------------
+# GPT bytes
+
 @pytest.mark.parametrize("optimizer_name,bias", [("adamw", True), ("adamw", False), ("adamw8bit", True)])
 def test_gpt_weights_gradients_optimizer_bytes_match_real_tensors(optimizer_name, bias):
     if optimizer_name == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    config = plan.gpt_config(["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=16", "--batch_size=2",
-                              f"--bias={bias}", f"--optimizer={optimizer_name}", "--dtype=float32"])
-    shape = dict(plan.gpt_shape(config), vocab_size=96)
+    shape = tiny_gpt_shape(bias)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}))
+    model = GPT(GPTConfig(**shape))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer_name)
     x = torch.randint(0, 96, (2, 16))
     one_step(model, optimizer, model(x, x)[1])
 
-    predicted = plan.gpt_memory(config, shape, batch_size=2, world_size=1, dtype="float32")
+    predicted = memory.gpt_memory(shape, batch_size=2, world_size=1, dtype="float32", optimizer=optimizer_name)
     params = list(model.parameters())
     assert predicted["weights"] == tensor_bytes(params)
     assert predicted["gradients"] == tensor_bytes([p.grad for p in params])
     assert predicted["optimizer"] == tensor_bytes(optimizer_tensors(optimizer))
-    assert sum(n for n, _ in plan.gpt_params(shape)) == model.get_num_params(non_embedding=False)
 
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_parameter_count_matches_the_model(bias):
+    shape = tiny_gpt_shape(bias)
+    assert sum(n for n, _ in memory.gpt_params(shape)) == GPT(GPTConfig(**shape)).get_num_params(non_embedding=False)
+
+
+def gpt2_medium_peak(batch_size=2, activation_checkpointing=False):
+    shape = memory.gpt_shape(plan.gpt_config([os.path.join(ROOT, "config/finetune_gpt2_medium.py")]))
+    return sum(memory.gpt_memory(shape, batch_size, 1, "bfloat16", activation_checkpointing=activation_checkpointing).values())
+
+
+def test_a_bigger_batch_needs_more_memory():
+    assert gpt2_medium_peak(batch_size=1) < gpt2_medium_peak(batch_size=2)
+
+
+def test_activation_checkpointing_needs_less_memory():
+    assert gpt2_medium_peak(activation_checkpointing=True) < gpt2_medium_peak()
+
+
+# -----------------------------------------------------------------------------
+# VLM bytes
 
 def tiny_qwen2_vl_config():
     from transformers import Qwen2VLConfig
@@ -84,7 +115,7 @@ def quant_state_tensors(state):
             yield from quant_state_tensors(value)
 
 
-def vlm_step_and_compare(model, args, arch):
+def vlm_step_and_compare(model, arch, use_4bit):
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # train_ds.py without DeepSpeed: fp32 trainable weights
         p.data = p.data.float()
@@ -95,7 +126,9 @@ def vlm_step_and_compare(model, args, arch):
         loss = model(input_ids=ids, labels=ids).loss
     one_step(model, optimizer, loss)
 
-    predicted = plan.vlm_memory(arch, args, world_size=1, ds=plan.read_ds_config(None))
+    predicted = memory.vlm_memory(arch, world_size=1, zero=None, batch_size=1, max_length=12, max_pixels=200704,
+                                  use_lora=True, lora_r=4, lora_dropout=0.05, use_4bit=use_4bit,
+                                  gradient_checkpointing=False, weight_bytes=2)
     # 4-bit weights keep their scales in a quant_state beside them; bitsandbytes sometimes shares the
     # small code tables between tensors (by process history), so those are counted per weight
     quant_states = {id(m.weight): m.weight.quant_state for m in model.modules()
@@ -110,7 +143,7 @@ def test_vlm_parameter_groups_match_qwen2_vl():
     from transformers import Qwen2VLForConditionalGeneration
     config = tiny_qwen2_vl_config()
     model = Qwen2VLForConditionalGeneration(config)
-    counts = plan.vlm_params(plan.vlm_arch("tiny", config.to_dict()))
+    counts = memory.vlm_params(memory.vlm_arch("tiny", config.to_dict()))
     vision = sum(p.numel() for n, p in model.named_parameters() if is_vision(n))
     assert counts["vision"] == vision
     assert counts["lm_linear"] + counts["lm_other"] + counts["lm_head"] == sum(p.numel() for p in model.parameters()) - vision
@@ -123,11 +156,10 @@ def test_vlm_lora_bytes_match_real_tensors():
     model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model.requires_grad_(False)
     model = add_lora(model, r=4)
-    args = plan.vlm_parser().parse_args(["--use-lora", "--lora-r", "4", "--no-deepspeed", "--bf16"])
-    vlm_step_and_compare(model, args, plan.vlm_arch("tiny", config.to_dict()))
+    vlm_step_and_compare(model, memory.vlm_arch("tiny", config.to_dict()), use_4bit=False)
 
 
-def test_vlm_qlora_bytes_match_real_tensors():
+def test_vlm_qlora_bytes_match_real_tensors(tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
@@ -136,33 +168,71 @@ def test_vlm_qlora_bytes_match_real_tensors():
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16,
                                       llm_int8_skip_modules=["model.visual", "lm_head"])  # vision stays 16-bit
-    with tempfile.TemporaryDirectory() as folder:
-        Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=quantization,
-                                                                device_map={"": "cpu"})
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=quantization,
+                                                            device_map={"": "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for name, param in model.named_parameters():
         if is_vision(name):  # as train_ds.py: the frozen vision tower back to 16 bits
             param.data = param.data.to(torch.bfloat16)
     model = add_lora(model, r=4)
-    args = plan.vlm_parser().parse_args(["--use-4bit", "--use-lora", "--lora-r", "4", "--no-deepspeed", "--bf16"])
-    vlm_step_and_compare(model, args, plan.vlm_arch("tiny", config.to_dict()))
+    vlm_step_and_compare(model, memory.vlm_arch("tiny", config.to_dict()), use_4bit=True)
 
 
-def test_readme_tables_are_deterministic_and_only_the_marked_regions_change():
+def test_vlm_flags_give_vlm_memory_its_arguments():
+    args = plan.vlm_parser().parse_args(["--use-lora", "--lora-r", "4", "--fp32", "--max-length", "100"])
+    step = memory.vlm_step(args)
+    assert step == memory.vlm_step(vars(args))
+    assert step["lora_r"] == 4 and step["weight_bytes"] == 4 and step["max_length"] == 100 and step["use_lora"]
+
+
+# -----------------------------------------------------------------------------
+# the MFU source: one benchmark record format for GPT and VLM
+
+def write_benchmarks(path, *records):
+    lines = ["# Benchmarks", "", "```"] + [json.dumps(r) for r in records] + ["```", ""]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_a_measured_vlm_mfu_from_a_gpu_is_used_for_vlm_planning(tmp_path):
+    path = write_benchmarks(tmp_path / "BENCHMARKS.md",
+                            {"bench": "vlm", "device": "NVIDIA H100 80GB HBM3", "mfu": 0.31},
+                            {"bench": "gpt", "device": "NVIDIA H100 80GB HBM3", "mfu": 0.45})
+    assert plan.mfu_assumption("vlm", benchmarks=path) == (0.31, "median of the GPU measurements in BENCHMARKS.md")
+    assert plan.measured_mfu("gpt", path) == 0.45
+
+
+def test_cpu_records_and_unknown_peaks_leave_the_default_mfu(tmp_path):
+    path = write_benchmarks(tmp_path / "BENCHMARKS.md",
+                            {"bench": "vlm", "device": "cpu (x86_64, 2 cores)", "mfu": 0.9},
+                            {"bench": "vlm", "device": "NVIDIA A10G", "mfu": "n/a"},
+                            {"benchmark": "train_ds", "device": "NVIDIA H100 80GB HBM3", "mfu": 0.5})
+    assert plan.measured_mfu("vlm", path) is None
+    assert plan.mfu_assumption("vlm", benchmarks=path)[0] == plan.DEFAULT_MFU["vlm"]
+
+
+# -----------------------------------------------------------------------------
+# docs/PLANNING.md: generated tables, checked
+
+def test_docs_tables_match_the_committed_planning_page(tmp_path):
+    committed = os.path.join(ROOT, "docs", "PLANNING.md")
+    copy = tmp_path / "PLANNING.md"
+    shutil.copy(committed, copy)
+    plan.update_docs(str(copy))
+    with open(committed, encoding="utf-8") as f:
+        assert copy.read_text(encoding="utf-8") == f.read(), "docs/PLANNING.md is stale: run python plan.py --update-docs"
+
+
+def test_docs_tables_are_deterministic_and_only_the_marked_regions_change(tmp_path):
     before = ("# Title\n\nHand-written text stays.\n\n<!-- plan:gpt-table -->\nold table\n<!-- /plan:gpt-table -->\n"
               "\nMiddle text.\n<!-- plan:vlm-table -->\n<!-- /plan:vlm-table -->\nEnd.\n")
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "README.md")
-        with open(path, "w") as f:
-            f.write(before)
-        plan.update_readme(path)
-        with open(path) as f:
-            first = f.read()
-        plan.update_readme(path)
-        with open(path) as f:
-            second = f.read()
-    assert first == second
+    path = tmp_path / "PLANNING.md"
+    path.write_text(before)
+    plan.update_docs(str(path))
+    first = path.read_text()
+    plan.update_docs(str(path))
+    assert path.read_text() == first
     assert "old table" not in first and "| RTX 4090 |" in first and "Qwen2-VL-2B QLoRA" in first
     # outside the markers every byte is as before
     outside = [first.split("<!-- plan:gpt-table -->")[0], first.split("<!-- /plan:gpt-table -->")[1].split("<!-- plan:vlm-table -->")[0],
@@ -170,26 +240,54 @@ def test_readme_tables_are_deterministic_and_only_the_marked_regions_change():
     assert outside == ["# Title\n\nHand-written text stays.\n\n", "\n\nMiddle text.\n", "\nEnd.\n"]
 
 
-def test_readme_without_markers_is_a_one_line_error():
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "README.md")
-        with open(path, "w") as f:
-            f.write("# no markers\n")
-        with pytest.raises(SystemExit, match="no '<!-- plan:gpt-table -->'"):
-            plan.update_readme(path)
+def test_docs_without_markers_is_a_one_line_error(tmp_path):
+    path = tmp_path / "PLANNING.md"
+    path.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- plan:gpt-table -->'"):
+        plan.update_docs(str(path))
 
 
-def test_startup_line_on_cpu_gives_memory_and_tokens_without_warning():
+# -----------------------------------------------------------------------------
+# the training scripts' start-up line, and the direction of the imports
+
+def test_gpt_start_line_on_cpu_gives_memory_and_tokens_without_warning():
     config = plan.gpt_config([os.path.join(ROOT, "config/train_shakespeare_char.py")])
-    line = plan.startup_line(config, world_size=1, device="cpu")
+    line = memory.gpt_start_line(config, world_size=1, device="cpu")
     assert line.startswith("plan: peak ~") and "16,384 tokens/iter" in line and "warning" not in line
-    args = plan.vlm_parser().parse_args(["--use-lora", "--use-4bit"])
-    assert plan.vlm_startup_line(args, 1, "cpu", max_steps=10).startswith("plan: peak ~")
 
 
-def test_bigger_batch_and_checkpointing_move_memory_the_right_way():
-    config = plan.gpt_config([os.path.join(ROOT, "config/finetune_gpt2_medium.py")])
-    shape = plan.gpt_shape(config)
-    one, two = (sum(plan.gpt_memory(config, shape, b, 1, "bfloat16").values()) for b in (1, 2))
-    checkpointed = sum(plan.gpt_memory(dict(config, activation_checkpointing=True), shape, 2, 1, "bfloat16").values())
-    assert one < two and checkpointed < two
+def test_vlm_start_line_on_cpu_gives_memory_and_tokens_without_warning():
+    args = plan.vlm_parser().parse_args(["--use-lora", "--use-4bit", "--max-length", "512"])
+    line = memory.vlm_start_line(args, world_size=1, device="cpu")
+    assert line.startswith("plan: peak ~") and "up to 512 tokens/step" in line and "warning" not in line
+
+
+def test_vlm_start_line_for_a_model_it_cannot_size_says_so_and_goes_on():
+    args = vars(plan.vlm_parser().parse_args(["--use-lora", "--model", "someone/unknown-vlm"]))
+    assert memory.vlm_start_line(args, world_size=1, device="cpu").startswith("plan: no estimate (no architecture for")
+
+
+def test_start_line_warns_when_the_run_will_not_fit_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=8 * memory.GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4070")
+    line = memory.start_line({"weights": 10 * memory.GiB}, 1, "cuda:0", "1 token/iter", "try less")
+    first, warning = line.split("\n")
+    assert first == "plan: peak ~10.00 GiB of tensors per process, 1 token/iter"
+    assert warning.startswith("warning: this run needs ~11.1 GiB per GPU but cuda:0 (RTX 4070) has 8.0 GiB") and "try less" in warning
+
+
+def test_train_ds_current_call_into_plan_still_works():
+    # temporary: train_ds.py calls this until it moves to memory.vlm_start_line
+    args = plan.vlm_parser().parse_args(["--use-lora"])
+    with open(os.path.join(ROOT, "ds_config.json")) as f:
+        assert plan.vlm_startup_line(args, 2, "cpu", 10, json.load(f)).startswith("plan: peak ~")
+
+
+@pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py"])
+def test_shared_code_and_training_do_not_import_the_planner(script):
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"plan", "train", "train_ds"}

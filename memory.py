@@ -1,0 +1,332 @@
+"""
+Bytes and FLOPs of a training step, from explicit numbers: what plan.py tabulates and what train.py
+and train_ds.py print in one line at start-up. Plain functions; nothing here reads BENCHMARKS.md,
+the README or another script's source.
+
+Bytes are those of the tensors alive at the peak of a step (what torch.cuda.max_memory_allocated
+reports), by component; needed_bytes adds the workspace a GPU must also hold. Eager-mode
+accounting: torch.compile usually saves somewhat less.
+"""
+import json
+import math
+import os
+
+GiB = 1024 ** 3
+# memory a run needs beyond its tensors: CUDA context + cuBLAS workspace, NCCL buffers with >1 GPU,
+# and the caching allocator's fragmentation (a fraction of the tensor peak). An allowance, not measured.
+CONTEXT_BYTES, NCCL_BYTES, FRAGMENTATION = 0.6 * GiB, 0.4 * GiB, 0.05
+
+
+def needed_bytes(memory, world_size):
+    """What a GPU must hold: the tensors plus the workspace allowance."""
+    peak = sum(memory.values())
+    return peak * (1 + FRAGMENTATION) + CONTEXT_BYTES + (NCCL_BYTES if world_size > 1 else 0)
+
+
+def adamw_bytes(numels):
+    # exp_avg + exp_avg_sq in fp32, and a float32 `step` tensor per parameter
+    return sum(8 * n + 4 for n in numels)
+
+
+def adamw8bit_bytes(numels):
+    # bitsandbytes: uint8 moments + one fp32 absmax per 256-value block; tensors under 4096 values keep
+    # fp32 moments; the two 256-entry quantization maps are shared by all tensors
+    total = 2 * 256 * 4
+    for n in numels:
+        total += 2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n
+    return total
+
+
+def nf4_bytes(numel):
+    # bitsandbytes nf4 with double quantization: 4-bit values, a uint8 absmax per 64 values, an fp32
+    # absmax per 256 of those, and per tensor a 16-entry code, a 256-entry code and an offset (fp32)
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+# -----------------------------------------------------------------------------
+# GPT (model.GPT as train.py builds it)
+
+def gpt_shape(config, model_args=None):
+    """n_layer, n_head, n_embd, vocab_size, block_size, bias as train.py will build them from its
+    settings (a pretrained name, a Hugging Face folder, or scratch with the dataset's meta.pkl);
+    model_args, when given, are the sizes train.py did build."""
+    import utils
+    from model import GPT, PRETRAINED
+    shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    shape["vocab_size"] = 50304
+    init_from = config["init_from"]
+    if init_from in PRETRAINED:
+        shape.update(PRETRAINED[init_from], vocab_size=50257, bias=True)
+    elif os.path.isdir(init_from):
+        try:
+            hf = GPT.hf_config_args(init_from)
+        except ValueError as e:
+            utils.fail(str(e))
+        shape.update({k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}, bias=True)
+    else:
+        meta = os.path.join("data", config["dataset"], "meta.pkl")
+        if init_from == "scratch" and os.path.exists(meta):
+            shape["vocab_size"] = utils.load_meta(meta)["vocab_size"]
+    shape.update({k: model_args[k] for k in shape if model_args and model_args.get(k) is not None})
+    return shape
+
+
+def gpt_params(shape):
+    """Parameter tensors of model.GPT as (numel, is_matmul_weight); wte is tied to lm_head."""
+    width, bias = shape["n_embd"], shape["bias"]
+    norm = [(width, False)] + ([(width, False)] if bias else [])
+
+    def linear(n_in, n_out):
+        return [(n_in * n_out, True)] + ([(n_out, False)] if bias else [])
+    block = norm + linear(width, 3 * width) + linear(width, width) + norm + linear(width, 4 * width) + linear(4 * width, width)
+    return [(shape["vocab_size"] * width, True), (shape["block_size"] * width, False)] + block * shape["n_layer"] + norm
+
+
+def gpt_flops_per_token(shape):
+    """Training FLOPs per token, as model.GPT.flops_per_token: 6N (non-embedding N) + attention."""
+    n = sum(numel for numel, _ in gpt_params(shape)) - shape["block_size"] * shape["n_embd"]
+    return 6 * n + 12 * shape["n_layer"] * shape["n_embd"] * shape["block_size"]
+
+
+def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activation_checkpointing=False, dropout=0.0):
+    """Per-GPU bytes at the peak of a train.py step (DDP over world_size GPUs), by component."""
+    params = gpt_params(shape)
+    numels = [n for n, _ in params]
+    n_params = sum(numels)
+    width, layers = shape["n_embd"], shape["n_layer"]
+    tokens = batch_size * shape["block_size"]
+    act = 4 if dtype == "float32" else 2  # autocast's matmul outputs; LayerNorm inputs stay fp32 (the residual)
+    dropout_masks = 2 * width if dropout > 0 else 0  # bool masks after attention and MLP
+    # per token per block: ln_1 and ln_2 inputs (fp32) + their mean/rstd, the 16-bit inputs of
+    # c_attn and c_fc, q/k/v, attention output + logsumexp, the MLP's 4C hidden before and after GELU
+    per_block = (2 * 4 * width + 16 + act * (width + 3 * width + width + width + 4 * width + 4 * width)
+                 + 4 * shape["n_head"] + dropout_masks)
+    if activation_checkpointing:
+        activations = tokens * (layers * 4 * width + per_block)  # block inputs, and one block recomputed in backward
+    else:
+        activations = tokens * layers * per_block
+    activations += tokens * (4 * width + 8 + act * width)  # ln_f input and lm_head's 16-bit input
+    return {
+        "weights": 4 * n_params,
+        "gradients": 4 * n_params,
+        "DDP buckets": 4 * n_params if world_size > 1 else 0,  # DDP reduces a flat copy of the gradients
+        "optimizer": adamw8bit_bytes(numels) if optimizer == "adamw8bit" else adamw_bytes(numels),
+        "16-bit weight copies": 0 if act == 4 else 2 * sum(n for n, matmul in params if matmul),
+        "activations": activations,
+        # logits in the autocast dtype, and in backward three float32 (B,T,V) buffers: log_softmax's
+        # output, its incoming gradient and the gradient it returns
+        "logits + loss": tokens * shape["vocab_size"] * (act + 12),
+        "inputs": tokens * 32,  # X, Y and the prefetched next X, Y as int64
+    }
+
+
+# -----------------------------------------------------------------------------
+# Qwen2-VL-style models (train_ds.py): LoRA, QLoRA or full finetuning, with or without ZeRO
+
+# Qwen2-VL-2B-Instruct's architecture: the default --model, planned offline without its config.json
+QWEN2_VL_2B = dict(
+    text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+              num_key_value_heads=2, vocab_size=151936),
+    vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, in_chans=3),
+    tie_word_embeddings=True)
+BUILTIN_MODELS = {"Qwen/Qwen2-VL-2B-Instruct": QWEN2_VL_2B, "Qwen/Qwen2-VL-2B": QWEN2_VL_2B}
+
+
+def vlm_arch(model, model_config=None):
+    """The text and vision sizes of `model` (a hub id or folder): from model_config (its config as a
+    dict), else the folder's config.json, else the built-in table. ValueError when none gives them."""
+    config = model_config
+    if config is None and os.path.isfile(os.path.join(model, "config.json")):
+        try:
+            with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{model}/config.json cannot be read ({type(e).__name__}: {e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{model}/config.json is not a model config")
+    if config is None:
+        if model not in BUILTIN_MODELS:
+            raise ValueError(f"no architecture for --model {model}: pass a local model folder (with config.json) "
+                             f"or one of {', '.join(BUILTIN_MODELS)}")
+        return BUILTIN_MODELS[model]
+    text = config.get("text_config") or config  # transformers 5 nests the text sizes; older files do not
+    vision = config.get("vision_config") or {}
+    keys = QWEN2_VL_2B["text"]
+    if "depth" not in vision or not all(isinstance(text.get(k), int) for k in keys):
+        raise ValueError(f"{model}: only Qwen2-VL-style models (vision_config with depth, embed_dim) are planned")
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return dict(text={k: text[k] for k in keys},
+                vision={k: vision.get(k, QWEN2_VL_2B["vision"][k]) for k in QWEN2_VL_2B["vision"]},
+                tie_word_embeddings=tied)
+
+
+def kv_width(text):
+    """Width of the k and v projections (grouped-query attention: fewer heads than q)."""
+    return text["num_key_value_heads"] * text["hidden_size"] // text["num_attention_heads"]
+
+
+def vlm_params(arch):
+    """Parameter counts by group: LM linear weights (quantized by 4-bit, LoRA's targets), other LM
+    tensors (embeddings, norms, biases), lm_head, the vision tower; and the LM linear shapes."""
+    text, vision = arch["text"], arch["vision"]
+    hidden, intermediate, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    kv = kv_width(text)
+    # per layer: q k v o, then the MLP's gate up down
+    linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
+               (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)] * layers
+    embed, mlp = vision["embed_dim"], int(vision["embed_dim"] * vision["mlp_ratio"])
+    merged = vision["spatial_merge_size"] ** 2 * vision["embed_dim"]  # a 2x2 patch group, concatenated
+    vision_block = (4 * embed  # two LayerNorms, weight and bias
+                    + 3 * embed * embed + 3 * embed + embed * embed + embed  # qkv and proj
+                    + 2 * embed * mlp + mlp + embed)  # fc1 and fc2
+    patch_embed = vision["in_chans"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2 * embed  # no bias
+    merger = 2 * embed + merged * merged + merged + merged * hidden + hidden  # LayerNorm, then two linears into the LM
+    qkv_biases = layers * (hidden + 2 * kv)
+    vocab_by_hidden = text["vocab_size"] * hidden
+    norms = layers * 2 * hidden + hidden  # two RMSNorms a layer, and the final one
+    return dict(linears=linears, lm_linear=sum(a * b for a, b in linears), lm_bias=qkv_biases,
+                lm_other=vocab_by_hidden + qkv_biases + norms,  # embeddings, biases, norms
+                lm_head=0 if arch["tie_word_embeddings"] else vocab_by_hidden,
+                vision=patch_embed + vision["depth"] * vision_block + merger)
+
+
+def zero_settings(ds_config):
+    """What moves memory in a DeepSpeed config dict: ZeRO stage, offloads, reduce bucket size."""
+    zero = ds_config.get("zero_optimization", {})
+    bucket = zero.get("reduce_bucket_size", 5e8)
+    return {"stage": zero.get("stage", 0),
+            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            "offload_param": zero.get("offload_param", {}).get("device", "none") != "none",
+            "bucket": bucket if isinstance(bucket, (int, float)) else 5e8}
+
+
+def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_lora, lora_r, lora_dropout,
+               use_4bit, gradient_checkpointing, weight_bytes):
+    """Per-GPU bytes at the peak of a train_ds.py step, by component. zero: zero_settings's dict, or
+    None without DeepSpeed; weight_bytes: 2 for bf16/fp16 (the default on GPUs), 4 for --fp32."""
+    params = vlm_params(arch)
+    text, vision = arch["text"], arch["vision"]
+    hidden, intermediate, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    wide = weight_bytes
+    # trainable tensors: LoRA's A and B per linear, or (full finetune) every LM tensor; the vision tower stays frozen
+    if use_lora:
+        trainable = [lora_r * n for a, b in params["linears"] for n in (a, b)]
+    else:
+        trainable = [n for n in (params["lm_linear"], params["lm_other"], params["lm_head"]) if n]
+    n_trainable = sum(trainable)
+    if use_4bit:  # nf4 LM linears; prepare_model_for_kbit_training upcasts the rest of the LM to fp32,
+        # but bitsandbytes casts the 4-bit layers' biases back to the compute dtype in their first forward
+        frozen = sum(nf4_bytes(a * b) for a, b in params["linears"]) + wide * (params["vision"] + params["lm_bias"])
+        frozen += (wide if zero is not None else 4) * (params["lm_other"] - params["lm_bias"] + params["lm_head"])
+    elif use_lora:
+        frozen = wide * (params["lm_linear"] + params["lm_other"] + params["lm_head"] + params["vision"])
+    else:
+        frozen = wide * params["vision"]
+    if zero is None:  # train_ds.py keeps trainable weights in fp32, the optimizer runs on the GPU
+        weights, grads, optimizer, buffers = frozen + 4 * n_trainable, 4 * n_trainable, adamw_bytes(trainable), 0
+    else:  # DeepSpeed: 16-bit weights and gradients, fp32 master weights + moments in the optimizer
+        shards = world_size if zero["stage"] >= 1 else 1
+        weights = frozen + wide * n_trainable
+        grads = wide * n_trainable / (shards if zero["stage"] >= 2 else 1) + 4 * n_trainable / shards
+        optimizer = 0 if zero["offload_optimizer"] else 12 * n_trainable / shards
+        buffers = wide * min(zero["bucket"], max(n_trainable, 1)) if zero["stage"] >= 2 else 0
+        if zero["stage"] == 3:  # weights partitioned; ZeRO-Offload keeps only the gathered layer on the GPU
+            layer = (frozen + wide * n_trainable) / max(layers, 1)
+            weights = 2 * layer if zero["offload_param"] else weights / world_size + 2 * layer
+    # activations per token: the language model over max_length tokens. 16-bit, or fp32 under 4-bit
+    # (the upcast norms make the residual stream fp32)
+    act = 4 if use_4bit else wide
+    kv = kv_width(text)
+    norm_inputs = 2 * 4 * hidden  # the two RMSNorms' fp32 inputs
+    # q, k, v, the attention output and o_proj's input; SDPA's fp32 logsumexp per head
+    attention = act * (hidden + 2 * kv + hidden + hidden) + 4 * text["num_attention_heads"]
+    mlp = act * 3 * intermediate  # gate, up and SiLU outputs
+    lora_inputs = 0
+    if use_lora and lora_dropout > 0:  # each adapter's dropped-out input + its bool mask, and its r-wide A output
+        lora_inputs = (3 * hidden + hidden + 2 * hidden + intermediate) * (act + 1) + 7 * act * lora_r
+    per_layer = norm_inputs + attention + mlp + lora_inputs
+    if not use_lora:
+        per_layer += act * (2 * hidden + intermediate)  # full finetuning also saves the linears' inputs for weight gradients
+    tokens = batch_size * max_length
+    if gradient_checkpointing:  # each layer's input kept, one layer recomputed in backward
+        activations = tokens * (layers * act * hidden + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    # the frozen vision tower runs without autograd: only one block's working set at a time
+    patches = batch_size * max_pixels // (vision["patch_size"] ** 2)
+    vision_work = patches * wide * (4 * vision["embed_dim"] + 2 * int(vision["embed_dim"] * vision["mlp_ratio"]))
+    logits = tokens * text["vocab_size"] * (wide + 12)  # 16-bit logits, then three fp32 (B,T,V) buffers in the loss
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "DeepSpeed buffers": buffers,
+            "activations": activations, "vision forward": vision_work, "logits + loss": logits}
+
+
+def vlm_flops_per_sample(arch, max_length, max_pixels, use_lora, gradient_checkpointing):
+    """FLOPs one sample executes: LM forward + backward (input gradients only with LoRA), one more
+    forward when checkpointing, and the frozen vision tower's forward (no backward)."""
+    params, text, vision = vlm_params(arch), arch["text"], arch["vision"]
+    tokens, hidden, layers = max_length, text["hidden_size"], text["num_hidden_layers"]
+    matmul = params["lm_linear"] + text["vocab_size"] * hidden  # lm_head is a matmul even when tied
+    forward = tokens * (2 * matmul + 4 * layers * hidden * tokens)  # attention counted non-causal, as nanoGPT's 12*L*C*T
+    # backward: input gradients (as much as the forward) plus weight gradients, which LoRA skips
+    backward = 2 * forward if not use_lora else tokens * (2 * matmul + 8 * layers * hidden * tokens)
+    recompute = forward if gradient_checkpointing else 0
+    patches, embed = max_pixels // (vision["patch_size"] ** 2), vision["embed_dim"]
+    vision_forward = 2 * params["vision"] * patches + 4 * vision["depth"] * embed * patches * patches
+    return forward + backward + recompute + vision_forward
+
+
+def vlm_step(args):
+    """vlm_memory's keyword arguments from train_ds.py's flags (its argparse namespace, or a dict)."""
+    flags = args if isinstance(args, dict) else vars(args)
+    step = {k: flags[k] for k in ("batch_size", "max_length", "max_pixels", "use_lora", "lora_r", "lora_dropout",
+                                  "use_4bit", "gradient_checkpointing")}
+    return dict(step, weight_bytes=4 if flags["fp32"] else 2)
+
+
+# -----------------------------------------------------------------------------
+# the training scripts' start-up line
+
+def start_line(memory, world_size, device, per_step, hint):
+    """'plan: peak ~X GiB of tensors per process, <per_step>', plus a warning line when the run will
+    not fit the CUDA GPU it is on (hint: what to try instead)."""
+    line = f"plan: peak ~{sum(memory.values()) / GiB:.2f} GiB of tensors per process, {per_step}"
+    import torch
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return line
+    import hardware
+    need, gpu_memory = needed_bytes(memory, world_size), torch.cuda.get_device_properties(device).total_memory
+    if need <= gpu_memory:
+        return line
+    name = torch.cuda.get_device_name(device)
+    return (f"{line}\nwarning: this run needs ~{need / GiB:.1f} GiB per GPU but {device} ({hardware.match_gpu(name) or name}) "
+            f"has {gpu_memory / GiB:.1f} GiB: it will likely run out of memory; {hint} (python plan.py ... shows what fits)")
+
+
+def gpt_start_line(config, world_size, device, model_args=None):
+    """train.py's start-up line. config: its settings (global gradient_accumulation_steps);
+    model_args: the sizes it built."""
+    import utils
+    shape = gpt_shape(config, model_args)
+    dtype = utils.resolve_dtype("auto", str(device).split(":")[0]) if config["dtype"] == "auto" else config["dtype"]
+    memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],
+                        config["activation_checkpointing"], config["dropout"])
+    tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * shape["block_size"]
+    hint = "try --activation_checkpointing=True, --optimizer=adamw8bit or a smaller --batch_size"
+    return start_line(memory, world_size, device, f"{tokens_per_iter:,} tokens/iter", hint)
+
+
+def vlm_start_line(args, world_size, device, ds_config=None, model_config=None):
+    """train_ds.py's start-up line. args: its flags (namespace or dict); ds_config: the DeepSpeed
+    dict it uses (None without DeepSpeed); model_config: the model's config as a dict, if loaded."""
+    flags = args if isinstance(args, dict) else vars(args)
+    try:
+        arch = vlm_arch(flags["model"], model_config)
+    except ValueError as e:  # a model we cannot size (not Qwen2-VL-like) must not stop training
+        return f"plan: no estimate ({e})"
+    zero = zero_settings(ds_config) if ds_config is not None else None
+    memory = vlm_memory(arch, world_size, zero, **vlm_step(flags))
+    tokens = flags["batch_size"] * flags["gradient_accumulation_steps"] * world_size * flags["max_length"]
+    hint = "try --use-4bit, a smaller --batch-size or --max-length, or ZeRO-3 (--deepspeed ds_config_zero3.json)"
+    return start_line(memory, world_size, device, f"up to {tokens:,} tokens/step", hint)
