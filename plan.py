@@ -29,7 +29,7 @@ import sys
 import hardware
 import utils
 from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_memory, gpt_params, gpt_shape,
-                    needed_bytes, vlm_arch, vlm_flops_per_sample, vlm_memory, vlm_params, vlm_start_line, vlm_step,
+                    needed_bytes, vlm_arch, vlm_flops_per_sample, vlm_memory, vlm_params, vlm_step,
                     zero_settings)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -392,13 +392,6 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
 
 
 # -----------------------------------------------------------------------------
-# temporary: train_ds.py moves to memory.vlm_start_line
-
-
-def vlm_startup_line(args, world_size, device, max_steps=None, ds_config=None, model_config=None):
-    return vlm_start_line(args, world_size, device, ds_config, model_config)  # max_steps: no longer used
-
-
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv[:1] == ["--update-docs"]:

@@ -4,6 +4,7 @@ resolution, an out_dir lock, crash-safe writes, RNG state for exact resume, safe
 metadata, and a wandb start that falls back to offline instead of crashing.
 """
 import errno
+from contextlib import contextmanager
 import json
 import math
 import os
@@ -258,6 +259,29 @@ def link_or_copy(src, dst):
             os.remove(tmp)
 
 
+def is_write_failure(error):
+    """A full disk, as each library reports it: OSError (Python, transformers), SafetensorError, a
+    RuntimeError from torch's zip writer, a bare Exception '... (os error 28)' from tokenizers."""
+    from safetensors import SafetensorError
+    return (isinstance(error, (OSError, SafetensorError)) or "(os error" in str(error)
+            or isinstance(error, RuntimeError) and "inline_container" in str(error))
+
+
+@contextmanager
+def disk_write(what, folder, then="the previous checkpoint is intact: free disk space and resume", partial=None):
+    """A write that a full disk can stop ends in one line: what, why, the space left and what to do.
+    partial: a half-written folder to remove, giving its space back."""
+    try:
+        yield
+    except Exception as e:
+        if not is_write_failure(e):
+            raise  # a bug, not the disk: shown in full
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        error = e if isinstance(e, OSError) else OSError(0, (str(e).strip().splitlines() or [type(e).__name__])[0])
+        fail(f"could not save {what} ({write_failure(error, folder)}); {then}")
+
+
 def write_failure(error, folder):
     """What to tell the user when a save failed: the reason and the disk space left."""
     reason = error.strerror or str(error)
@@ -266,6 +290,12 @@ def write_failure(error, folder):
     except OSError:
         free = ""
     return f"{reason}{free}"
+
+
+def barrier():
+    """Wait for every process (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def fsync_dir(folder):

@@ -277,14 +277,7 @@ def test_start_line_warns_when_the_run_will_not_fit_the_gpu(monkeypatch):
     assert warning.startswith("warning: this run needs ~11.1 GiB per GPU but cuda:0 (RTX 4070) has 8.0 GiB") and "try less" in warning
 
 
-def test_train_ds_current_call_into_plan_still_works():
-    # temporary: train_ds.py calls this until it moves to memory.vlm_start_line
-    args = plan.vlm_parser().parse_args(["--use-lora"])
-    with open(os.path.join(ROOT, "ds_config.json")) as f:
-        assert plan.vlm_startup_line(args, 2, "cpu", 10, json.load(f)).startswith("plan: peak ~")
-
-
-@pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py"])
+@pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py", "train_ds.py", "vlm_data.py", "vlm_checkpoint.py"])
 def test_shared_code_and_training_do_not_import_the_planner(script):
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())

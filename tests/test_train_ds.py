@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_ds
+import vlm_checkpoint
+import vlm_data
 from conftest import (REPO, assert_one_line_error, command, free_port, kill_one_torchrun_worker, read_log,
                       run_script, start_script, wait_for)
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
@@ -52,7 +54,7 @@ def error_of(argv):
 
 
 def qwen_processor(work):
-    return train_ds.load_processor(train_ds.parse_args(["--model", work["qwen"], "--trust-remote-code", *TINY_IMAGES]))
+    return vlm_data.load_processor(work["qwen"], trust_remote_code=True, min_pixels=56 * 56, max_pixels=56 * 56)
 
 
 # -----------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
                 {"role": "user", "content": [{"type": "text", "text": "what shape?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]
-    batch = train_ds.encode([(messages, [str(tmp_path / "red.png")], "known sample")], processor)
+    batch = vlm_data.encode([(messages, [str(tmp_path / "red.png")], "known sample")], processor)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     tokenizer = processor.tokenizer
     # expected, derived independently: the tokens after each "<|im_start|>assistant\n" through its <|im_end|>
@@ -88,10 +90,11 @@ def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
 def test_llava_labels_keep_the_reply_and_its_end_token(work, tmp_path):
     from PIL import Image
     Image.new("RGB", (28, 28), "blue").save(tmp_path / "blue.png")
-    processor = train_ds.load_processor(train_ds.parse_args(["--model", work["llava"]]))
+    args = train_ds.parse_args(["--model", work["llava"]])
+    processor = vlm_data.load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
-    batch = train_ds.encode([(messages, [str(tmp_path / "blue.png")], "known sample")], processor)
+    batch = vlm_data.encode([(messages, [str(tmp_path / "blue.png")], "known sample")], processor)
     kept = batch["input_ids"][0][batch["labels"][0] != -100]
     assert processor.tokenizer.decode(kept).strip() == "blue</s>"
 
@@ -100,7 +103,7 @@ def test_text_only_batch_gets_a_masked_dummy_image_under_zero3(work):
     processor = qwen_processor(work)
     messages = [{"role": "user", "content": [{"type": "text", "text": "what colour is the sky"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
-    batch = train_ds.encode([(messages, [], "text only")], processor, dummy_image_size=56)
+    batch = vlm_data.encode([(messages, [], "text only")], processor, dummy_image_size=56)
     assert batch["input_ids"].shape[0] == 2 and "pixel_values" in batch
     assert (batch["labels"][1] == -100).all() and (batch["labels"][0] != -100).any()
 
@@ -111,7 +114,7 @@ def test_long_samples_can_be_skipped_and_are_counted(work, capsys):
                {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}]
     path = write_data(work["root"] / "demo", records, "long.json")
     args = train_ds.parse_args([*work["args"], "--max-length", "60", "--skip-long"])
-    samples = train_ds.measure_samples(path, train_ds.read_samples(path), processor, args)
+    samples = vlm_data.measure_samples(path, vlm_data.read_samples(path), processor, args.max_length, args.skip_long)
     assert [where for _, _, where in samples] == [f"{path} record 1"]
     assert f"skipped 1 sample(s) of {path}" in capsys.readouterr().out
 
@@ -186,6 +189,14 @@ def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
     assert "--resume" in error_of([*base, "--no-deepspeed", "--use-lora"])  # never trains over old results
     assert "cannot load" in error_of([*base, "--no-deepspeed", "--use-lora", "--resume"])  # empty/corrupt checkpoint
     assert sorted(os.listdir(tmp_path / "out")) == [".lock", "checkpoint-3"]
+
+
+def test_no_deepspeed_under_a_launcher_of_several_processes_is_refused(work, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_ds, "WORLD_SIZE", 2)  # what torchrun --nproc_per_node=2 puts in the environment
+    output_dir = tmp_path / "out"
+    message = error_of([*work["args"], "--no-deepspeed", "--use-lora", "--output-dir", str(output_dir)])
+    assert "--no-deepspeed runs one process, but the launcher started 2" in message
+    assert not output_dir.exists()
 
 
 def test_cli_error_exits_nonzero_without_traceback(work, tmp_path):
@@ -360,7 +371,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(lora
     message = error_of([*args, "--output-dir", full, "--resume", "--max-steps", "9"])
     assert message.startswith("error: could not save checkpoint-9 (No space left on device")
     assert message.endswith(" MiB free); the previous checkpoint is intact: free disk space and resume")
-    assert train_ds.checkpoint_steps(full) == [4, 8] and not os.path.exists(os.path.join(full, ".tmp-checkpoint-9"))
+    assert vlm_checkpoint.checkpoint_steps(full) == [4, 8] and not os.path.exists(os.path.join(full, ".tmp-checkpoint-9"))
     assert {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)} == before
 
 
@@ -385,7 +396,7 @@ def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
     assert os.listdir(checkpoint + "-merged.tmp") == ["notes.txt"]
     assert not [name for name in os.listdir(output_dir) if ".tmp" in name and name != "checkpoint-8-merged.tmp"]
     processor = qwen_processor(work)
-    batch = train_ds.encode(train_ds.read_samples(work["train"])[:2], processor)
+    batch = vlm_data.encode(vlm_data.read_samples(work["train"])[:2], processor)
     adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(work["qwen"]), checkpoint).eval()
     merged = AutoModelForImageTextToText.from_pretrained(checkpoint + "-merged").eval()
     base = AutoModelForImageTextToText.from_pretrained(work["qwen"]).eval()
@@ -398,7 +409,7 @@ def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
 def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
     import bitsandbytes as bnb
     args = train_ds.parse_args([*work["args"], "--use-4bit", "--use-lora", "--no-deepspeed"])
-    model = train_ds.load_model(args, work["qwen"], torch.float32, torch.device("cpu"), zero3=False)
+    model = train_ds.load_model(args, torch.float32, torch.device("cpu"), zero3=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all("language_model" in n for n in quantized)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "visual" in n or "lm_head" in n)
@@ -436,7 +447,25 @@ def test_benchmark_measures_a_random_init_model_from_its_config(work, tmp_path, 
                    "--use-lora", "--max-steps", "3", "--benchmark-image-size", "56", "--benchmark-text-words", "20",
                    *TINY_IMAGES, "--output-dir", str(tmp_path / "bench")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "vlm" and result["mfu"] == "n/a"  # a CPU has no known peak
     assert result["samples_per_s"] > 0 and result["tokens_per_s"] > 0 and result["peak_memory_gib"] > 0
+
+
+def test_benchmark_mfu_is_the_achieved_flops_over_the_gpu_peak(work, monkeypatch, capsys):
+    import memory
+    monkeypatch.setattr(train_ds.hardware, "peak_flops", lambda device: 1e9)  # as on a GPU of known peak
+    timings = [(9.0, 10), (9.0, 10), (0.5, 300), (0.25, 300), (0.5, 300)]  # (seconds, tokens): two warm-up steps
+
+    def reported_mfu(model):
+        args = train_ds.parse_args(["--model", model, "--benchmark", "--use-lora", "--benchmark-image-size", "56",
+                                    *TINY_IMAGES])
+        train_ds.report_benchmark(args, timings, torch.float32, torch.device("cpu"))
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mfu"]
+    # one sample per step of 300 tokens and a 56x56 image, 2 steps per second (the median of 0.5, 0.25, 0.5 s)
+    flops_per_sample = memory.vlm_flops_per_sample(memory.vlm_arch(work["qwen"]), max_length=300, max_pixels=56 * 56,
+                                                   use_lora=True, gradient_checkpointing=True)
+    assert reported_mfu(work["qwen"]) == pytest.approx(flops_per_sample * 2 / 1e9, rel=1e-3)
+    assert reported_mfu(work["llava"]) == "n/a"  # memory.py counts the FLOPs of Qwen2-VL-like models only
 
 
 # -----------------------------------------------------------------------------
@@ -486,7 +515,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
             break
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0 and "stopped by a signal" in output
-    steps = train_ds.checkpoint_steps(str(output_dir))
+    steps = vlm_checkpoint.checkpoint_steps(str(output_dir))
     assert len(steps) == 1 and 2 <= steps[0] < 1000
     assert [e["step"] for e in read_log(str(output_dir))] == list(range(1, steps[0] + 1))
 
@@ -506,7 +535,7 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(lora_run
     assert "step 10: loss not finite, step skipped (1 in a row)" in capsys.readouterr().out
     assert message.startswith("error: loss was not finite for 4 steps in a row (last at step 13)")
     assert "lower --learning-rate" in message and "--bf16" in message and "(checkpoint-8) is untouched" in message
-    assert train_ds.checkpoint_steps(diverging) == [4, 8]
+    assert vlm_checkpoint.checkpoint_steps(diverging) == [4, 8]
     assert {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)} == before
 
 
@@ -530,7 +559,7 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
     rng = random.Random(0)
     kills = kills_in_save = 0
     while kills < 5:  # each start costs ~10 s of imports: few kills, each one after the resume has loaded
-        saved = train_ds.checkpoint_steps(output_dir)
+        saved = vlm_checkpoint.checkpoint_steps(output_dir)
         stale = temp_folders()
         with open(output, "w") as f:
             process = start_script("train_ds.py", *args, "--output-dir", output_dir, *(["--resume"] if saved else []),
@@ -554,7 +583,7 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
         f.write('{"step": 9')
     os.makedirs(os.path.join(output_dir, ".tmp-checkpoint-999"))
     train_ds.main([*args, "--output-dir", output_dir, "--resume"])
-    assert train_ds.checkpoint_steps(output_dir)[-1] == 48
+    assert vlm_checkpoint.checkpoint_steps(output_dir)[-1] == 48
     assert not glob.glob(os.path.join(output_dir, ".tmp*"))
     # the same steps and losses, bit for bit, as the run that was never interrupted
     assert [(e["step"], e["loss"]) for e in read_log(output_dir)] == [(e["step"], e["loss"]) for e in read_log(reference)]

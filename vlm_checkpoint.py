@@ -1,0 +1,134 @@
+"""
+train_ds.py's checkpoints: written to a temp folder, synced, then renamed into place, so a crash
+or a full disk never leaves half a checkpoint; under ZeRO-3 the weights are gathered from every
+rank first. Resuming restores the weights, the optimizer, the step and every rank's RNG state.
+"""
+import functools
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from utils import (atomic_torch_save, barrier, disk_write, fail, fsync_dir, get_rng_state, lock_folder,
+                   remove_stale_temps, set_rng_state)
+
+RANK = int(os.environ.get("RANK", 0))  # from the launcher; rank 0 alone writes the shared files
+
+
+def log(message):
+    if RANK == 0:
+        print(message, flush=True)
+
+
+def gathered_state_dict(model, trainable_only):
+    """name -> full CPU tensor. Under ZeRO-3 each rank holds a slice of every parameter; gather
+    them one at a time (saving without this writes an empty adapter). Collective: call on all ranks."""
+    state = {}
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):  # partitioned by ZeRO-3 (DeepSpeed's own test)
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([param]):
+                state[name] = param.detach().cpu().clone() if RANK == 0 else None
+        else:
+            state[name] = param.detach().cpu().clone()
+    return state
+
+
+def checkpoint_steps(folder):
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+CHECKPOINT_TEMPS = r"\.tmp-checkpoint-\d+(-old)?"  # the folders a save (or a discard) of ours passes through
+
+
+def claim_output_dir(args):
+    """Rank 0 holds --output-dir's lock for the whole run, so a second run on it is refused, and
+    removes what a killed run of ours left half-written: our own temp names only, never a user's.
+    Returns the lock: keep it referenced."""
+    if RANK != 0:
+        return None
+    lock = lock_folder(args.output_dir, "--output-dir")
+    for name in os.listdir(args.output_dir):
+        if re.fullmatch(CHECKPOINT_TEMPS, name) and os.path.isdir(os.path.join(args.output_dir, name)):
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    remove_stale_temps(args.output_dir, r"log\.jsonl")
+    return lock
+
+
+def discard_checkpoint(path):
+    # rename, then delete: a kill halfway leaves a .tmp folder (removed at the next start), never half a checkpoint
+    trash = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path) + "-old")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def save_checkpoint(step, engine, processor, args):
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+    saving = functools.partial(disk_write, f"checkpoint-{step}", args.output_dir, partial=tmp if RANK == 0 else None)
+    if RANK == 0:
+        with saving():
+            os.makedirs(tmp)
+    barrier()
+    trainable = gathered_state_dict(engine.model, trainable_only=True)
+    full = None if args.use_lora else gathered_state_dict(engine.model, trainable_only=False)
+    with saving():
+        if RANK == 0:  # LoRA: adapter_model.safetensors + adapter_config.json (modules_to_save included)
+            engine.model.save_pretrained(tmp, state_dict=trainable if args.use_lora else full)
+            processor.save_pretrained(tmp)
+            with open(os.path.join(tmp, "run_args.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+        engine.save_state(tmp, step, trainable)  # optimizer and step: DeepSpeed's files, or trainer_state.pt
+        atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{RANK}.pt"))
+    barrier()
+    if RANK == 0:
+        with saving():  # some filesystems report a full disk only here
+            for root, _, files in os.walk(tmp):  # everything on disk before the folder appears
+                for name in files:
+                    with open(os.path.join(root, name), "rb+") as f:
+                        os.fsync(f.fileno())
+                fsync_dir(root)
+        if os.path.exists(final):  # re-saving a step (resumed from an older checkpoint)
+            discard_checkpoint(final)
+        os.replace(tmp, final)
+        fsync_dir(args.output_dir)
+        for old in checkpoint_steps(args.output_dir)[: -args.keep_last]:
+            discard_checkpoint(os.path.join(args.output_dir, f"checkpoint-{old}"))
+        log(f"saved {final}")
+    barrier()
+
+
+def resume_checkpoint(args, engine):
+    """Load model, optimizer, step and RNG states; returns the step to continue from. The data
+    position and the learning rate are functions of the step, so they follow."""
+    if args.resume == "latest":
+        steps = checkpoint_steps(args.output_dir)
+        if not steps:
+            fail(f"--resume: no checkpoint-* folder in {args.output_dir}")
+        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
+    else:
+        path = args.resume
+    if not os.path.isdir(path):
+        fail(f"--resume: checkpoint {path} not found")
+    try:
+        step = engine.load_state(path)
+    except SystemExit:
+        raise
+    except Exception as e:
+        fail(f"--resume: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    rng_path = os.path.join(path, f"rng_state_{RANK}.pt")
+    if os.path.exists(rng_path):
+        set_rng_state(torch.load(rng_path, weights_only=True))
+    else:
+        log(f"warning: {path} has no RNG state for rank {RANK}; dropout will differ from an unbroken run")
+    log(f"resumed from {path} at step {step}")
+    return step

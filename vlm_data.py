@@ -1,0 +1,245 @@
+"""
+The data of train_ds.py: conversations with images, read and checked, then encoded into batches
+whose labels keep only the assistant's replies.
+
+Two formats, read into one: LLaVA (`image` + `conversations` from human/gpt) and messages
+(`images` + `messages` from user/assistant/system), in .json or .jsonl; `<image>` in a text marks
+where an image goes. Every record is checked before any training starts, and a bad one stops the
+run with one line naming the file and the record. A sample is (messages, image paths, where).
+"""
+import json
+import os
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoProcessor
+
+from utils import fail
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# -----------------------------------------------------------------------------
+# reading: both formats into one, every record checked
+
+def read_records(path):
+    if os.path.isdir(path):
+        fail(f"data file {path} is a folder: give the .json or .jsonl file in it")
+    if not os.path.isfile(path):
+        fail(f"data file {path} not found (for the demo set run: python data/vlm_demo/prepare.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                records = [parse_json_line(line, f"{path} line {number}") for number, line in enumerate(f, 1)
+                           if line.strip()]
+            else:
+                records = json.load(f)
+    except UnicodeDecodeError:
+        fail(f"{path} is not UTF-8 text: save it as UTF-8")
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON: {e}")
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror}")
+    if not isinstance(records, list):
+        fail(f"{path} must hold a list of objects (one per sample), not a JSON {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            fail(f"{path} record {index} is a JSON {type(record).__name__}, not an object (one per sample)")
+    return records
+
+
+def parse_json_line(line, where):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        fail(f"{where} is not valid JSON ({e.msg} at column {e.pos + 1})")
+
+
+def split_placeholders(content, where):
+    """A message's content -> typed items, with {"type": "image"} where `<image>` stood."""
+    if isinstance(content, list):  # already typed, as in the processor's own format
+        for item in content:
+            if not (isinstance(item, dict) and (item.get("type") == "image" or
+                                                item.get("type") == "text" and isinstance(item.get("text"), str))):
+                fail(f"{where}: a content list holds only {{\"type\": \"text\", \"text\": \"...\"}} and "
+                     f"{{\"type\": \"image\"}} items, not {json.dumps(item)[:80]}")
+        return content
+    if not isinstance(content, str):
+        fail(f"{where}: message content must be a string or a list, not {json.dumps(content)[:80]}")
+    items = []
+    for i, text in enumerate(content.split("<image>")):
+        if i > 0:
+            items.append({"type": "image"})
+        if text.strip():
+            items.append({"type": "text", "text": text.strip()})
+    return items
+
+
+def to_messages(record, where, image_folder):
+    """LLaVA (`image` + `conversations` from human/gpt) or messages (`images` + `messages`) -> one form."""
+    if "conversations" in record:
+        turns_key, role_key, content_key, images_key = "conversations", "from", "value", "image"
+    elif "messages" in record:
+        turns_key, role_key, content_key, images_key = "messages", "role", "content", "images"
+    else:
+        fail(f"{where}: no 'conversations' (LLaVA format) or 'messages' key")
+    turns, images = record[turns_key], record.get(images_key)
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        fail(f"{where}: '{turns_key}' must be a list of objects with '{role_key}' and '{content_key}'")
+    if not turns:
+        fail(f"{where}: empty conversation")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
+        fail(f"{where}: '{images_key}' must be an image file name or a list of them")
+    messages = []
+    for turn in turns:
+        role = turn.get(role_key)
+        if not isinstance(role, str) or role not in ROLES:
+            fail(f"{where}: unknown role {role!r} (use human/gpt or user/assistant/system)")
+        messages.append({"role": ROLES[role], "content": split_placeholders(turn.get(content_key, ""), where)})
+    placeholders = sum(item.get("type") == "image" for m in messages for item in m["content"])
+    if placeholders != len(images):
+        fail(f"{where}: {placeholders} <image> placeholder(s) but {len(images)} image(s); they must match")
+    return messages, [os.path.join(image_folder, name) for name in images]
+
+
+def load_image(path, where):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        fail(f"{where}: image {path} not found (check --image-folder)")
+    except Image.DecompressionBombError as e:  # not an OSError
+        fail(f"{where}: image {path} is too large to decode safely ({e}): shrink it")
+    except (UnidentifiedImageError, OSError) as e:
+        fail(f"{where}: image {path} is unreadable ({e})")
+
+
+def read_samples(path, image_folder=None):
+    """Read a data file and check every record's form; returns (messages, image paths, where) per
+    record. Needs no processor, so it runs before anything slow."""
+    image_folder = image_folder or os.path.dirname(os.path.abspath(path))
+    samples = []
+    for index, record in enumerate(read_records(path)):
+        where = f"{path} record {index}" + (f" (id {record['id']})" if "id" in record else "")
+        samples.append((*to_messages(record, where, image_folder), where))
+    return samples
+
+
+def measure_samples(path, samples, processor, max_length, skip_long, log=print):
+    """Encode every sample once: its images open, it fits max_length, it has a reply to learn.
+    Returns the samples kept (skip_long drops the long ones and says how many through log)."""
+    kept, too_long = [], 0
+    for sample in samples:
+        where = sample[2]
+        batch = encode([sample], processor)
+        length = batch["input_ids"].shape[1]
+        if length > max_length:  # never truncate: a cut could land inside an image's tokens
+            if not skip_long:
+                fail(f"{where}: {length} tokens (image tokens included) is longer than --max-length "
+                     f"{max_length}; raise it, lower --max-pixels, or pass --skip-long")
+            too_long += 1
+            continue
+        if (batch["labels"] == -100).all():  # its loss would be 0/0
+            fail(f"{where}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
+                 "or remove the record")
+        kept.append(sample)
+    if too_long:
+        log(f"skipped {too_long} sample(s) of {path} longer than --max-length {max_length}")
+    if not kept:
+        fail(f"{path}: no samples left to train on")
+    return kept
+
+
+def synthetic_samples(folder, count, size, words, seed, write_images=True):
+    """Benchmark data: noise images with a question and a long answer of repeated words. Only one
+    process should write the images (write_images); the others wait for it, then read them."""
+    generator = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    samples = []
+    for i in range(count):
+        path = os.path.join(folder, f"{i}.png")
+        if write_images and not os.path.exists(path):
+            pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator)
+            Image.fromarray(pixels.numpy()).save(path)
+        answer = " ".join(["the red circle on the stage"] * (words // 6 + 1))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        samples.append((messages, [path], f"synthetic sample {i}"))
+    return samples
+
+
+# -----------------------------------------------------------------------------
+# encoding: the processor builds the inputs; we build the labels
+
+def load_processor(model, trust_remote_code, min_pixels, max_pixels):
+    """The model's own processor (tokenizer, image processor, chat template), padding on the right."""
+    try:
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code,
+                                                  min_pixels=min_pixels, max_pixels=max_pixels)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load a processor from {model}: {str(e).splitlines()[0]}")
+    if not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
+        fail(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
+    processor.tokenizer.padding_side = "right"
+    return processor
+
+
+def assistant_spans(messages, processor):
+    """Character spans of the assistant's replies (with their end-of-turn marker) in the chat text."""
+    def render(msgs, generation_prompt):
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    text, spans = render(messages, False), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            fail("the chat template does not render a conversation turn by turn, so the assistant's "
+                 "replies cannot be located; use a model whose template does (e.g. Qwen2-VL, LLaVA-1.5)")
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
+def assistant_labels(text, spans, input_ids, processor):
+    """input_ids of one sample (image placeholders expanded) -> labels: the token where it starts
+    inside an assistant span, -100 elsewhere (system, user, image tokens)."""
+    tokenizer, image_token_id = processor.tokenizer, image_token_id_of(processor)
+    plain = tokenizer(text, return_offsets_mapping=True)  # placeholders not yet expanded
+    labels, j = [], 0
+    for token, (start, _) in zip(plain["input_ids"], plain["offset_mapping"]):
+        if token == image_token_id:  # the processor repeated this placeholder once per image patch
+            while j < len(input_ids) and input_ids[j] == image_token_id:
+                labels.append(-100)
+                j += 1
+            continue
+        assert input_ids[j] == token, "processor and tokenizer disagree on the text tokens"
+        labels.append(token if any(a <= start < b for a, b in spans) else -100)
+        j += 1
+    assert j == len(input_ids)
+    return labels
+
+
+def image_token_id_of(processor):
+    token_id = getattr(processor, "image_token_id", None)
+    return token_id if token_id is not None else processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+
+def encode(samples, processor, dummy_image_size=None):
+    """A list of samples -> one padded batch with labels. `dummy_image_size` adds a fully masked
+    row with one blank image, so a text-only batch still runs the vision tower: under ZeRO-3 every
+    rank must gather the same parameters or the job hangs."""
+    rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
+    images = [load_image(path, where) for _, paths, where in samples for path in paths]
+    texts = [text for text, _ in rendered]
+    if dummy_image_size and not images:
+        texts.append(processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False))
+        images.append(Image.new("RGB", (dummy_image_size, dummy_image_size)))
+        rendered.append((texts[-1], []))
+    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, (text, spans) in enumerate(rendered):
+        real = batch["attention_mask"][row].bool()  # padding may be on either side
+        labels[row, real] = torch.tensor(assistant_labels(text, spans, batch["input_ids"][row, real].tolist(), processor))
+    batch["labels"] = labels
+    return batch
