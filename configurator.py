@@ -96,8 +96,8 @@ def check_type(key, value, default, where):
 
 
 def read_defaults(script_path):
-    """The plain settings (top-level `name = constant`, arithmetic like 5 * 8 too) of a script,
-    read without running it."""
+    """A script's settings, read without running it: the first run of plain top-level assignments
+    (`name = constant`, arithmetic like 5 * 8 too), which ends where the script's code begins."""
     with open(script_path) as f:
         tree = ast.parse(f.read(), script_path)
     plain = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop, ast.expr_context)
@@ -106,4 +106,6 @@ def read_defaults(script_path):
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and all(isinstance(n, plain) for n in ast.walk(node.value)):
             defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script_path, "eval"), {"__builtins__": {}})
+        elif defaults:
+            break
     return defaults

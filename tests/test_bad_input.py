@@ -336,6 +336,7 @@ PLAN = [
     ('mfu above 1', ['--mfu=35'], 1, '--mfu must be in (0, 1]'),
     ('unknown GPU', ['--gpu=Voodoo_5'], 1, "unknown GPU 'Voodoo 5'"),
     ('unknown setting', ['--n_layers=3'], 1, 'unknown setting --n_layers; did you mean n_layer'),
+    ('not a setting: a variable of train.py', ['--iter_num=5'], 1, 'unknown setting --iter_num'),
     ('batch_size 0', ['--batch_size=0'], 1, 'batch_size must be in [1, inf)'),
     ('accumulation not divisible by GPUs', ['--gradient_accumulation_steps=5', '--gpus=2'], 1,
      'gradient_accumulation_steps=5 is not divisible by --gpus=2'),
@@ -391,3 +392,47 @@ def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0 and 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr
     assert stderr.strip().startswith('interrupted'), stderr
+
+
+# -----------------------------------------------------------------------------
+# every setting of train.py and sample.py has a value that is refused: derived from the scripts'
+# own settings, so a new setting without a range (or a type) fails here
+
+FREE_TEXT = {'train.py': {'wandb_project', 'wandb_run_name'}, 'sample.py': {'start', 'out_dir'}}  # any string is valid
+REFUSED_STRINGS = {'out_dir': '', 'dataset': '', 'init_from': 'gpt3', 'device': 'tpu', 'dtype': 'float64',
+                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt'}
+
+
+def refused_value(name, default, ranges):
+    if isinstance(default, bool):
+        return "'maybe'"  # a bool setting refuses anything else
+    if isinstance(default, str):
+        return repr(REFUSED_STRINGS[name])
+    low = ranges[name].strip('[(').split(',')[0]
+    return str(float(low) - 1 if ranges[name].startswith('[') else float(low))  # just outside the interval
+
+
+def settings_of(script):
+    from configurator import read_defaults
+    return [(name, value) for name, value in read_defaults(os.path.join(REPO, script)).items()
+            if name not in FREE_TEXT[script]]
+
+
+SAMPLE_RANGES = {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
+                 'top_k': '[0, inf)', 'top_p': '(0, 1]', 'seed': '[0, 4294967296)'}
+
+
+@pytest.mark.parametrize('script,name,default', [('train.py', n, v) for n, v in settings_of('train.py')] +
+                         [('sample.py', n, v) for n, v in settings_of('sample.py')])
+def test_every_setting_refuses_a_value_outside_its_range(script, name, default, finished_run, char_data, monkeypatch):
+    import utils
+    ranges = utils.TRAIN_RANGES if script == 'train.py' else SAMPLE_RANGES
+    value = refused_value(name, default, ranges)
+    monkeypatch.chdir(REPO)
+    base = [*TINY, f'--dataset={char_data}', f'--out_dir={finished_run}'] if script == 'train.py' else \
+        [f'--out_dir={finished_run}', '--device=cpu']
+    code, message = run_inline(script, *base, f'--{name}={value}'.replace("'", '') if value != "''" else f'--{name}=')
+    assert code == 1
+    assert_one_line_error((code, message), '')
+    shown = value.strip("'")
+    assert name in message or (shown and shown in message), message  # it names the setting or the value
