@@ -18,7 +18,6 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at an
 import datetime  # noqa: E402
 import json
 import os
-import resource
 import statistics
 import time
 from contextlib import nullcontext
@@ -106,11 +105,11 @@ dt = statistics.median(times)
 tokens_per_iter = batch_size * block_size
 mfu = model.estimate_mfu(tokens_per_iter, dt)
 if device_type == "cuda":
-    device_name, peak_memory = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device)
+    device_name = torch.cuda.get_device_name(device)
 else:
     import platform
     device_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+peak_memory = utils.peak_memory_gib(device) * 1024 ** 3
 load = os.getloadavg()
 result = {
     "bench": "gpt", "date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,

@@ -455,7 +455,7 @@ def train(args, engine, data, device, start_step, max_steps):
             timings.append((elapsed, tokens))
             if done % args.log_steps == 0 or done == max_steps:
                 metrics = {"step": done, "loss": loss, "lr": lr, "samples_per_s": samples_per_step / elapsed,
-                           "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device.type)}
+                           "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device)}
                 log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.2f} samples/s "
                     f"| {metrics['tokens_per_s']:.0f} tokens/s | peak mem {metrics['peak_memory_gib']:.2f} GiB")
                 if log_path:
@@ -522,7 +522,7 @@ def report_benchmark(args, timings, dtype, device):
               "torch": torch.__version__, "world_size": WORLD_SIZE, "use_lora": args.use_lora, "use_4bit": args.use_4bit,
               "dtype": str(dtype).replace("torch.", ""), "samples_per_step": samples_per_step, "ms_per_step": 1000 * seconds,
               "samples_per_s": samples_per_step / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
-              "peak_memory_gib": peak_memory_gib(device.type)}
+              "peak_memory_gib": peak_memory_gib(device)}
     log(json.dumps(result))
 
 

@@ -374,10 +374,10 @@ def trim_jsonl(path, keep):
              "free disk space and resume")
 
 
-def peak_memory_gib(device_type):
+def peak_memory_gib(device):
     """The run's peak: what PyTorch allocated on a GPU, the process's max RSS elsewhere."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 

@@ -4,17 +4,16 @@ import ast
 import json
 import os
 import shutil
-import sys
 import types
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import memory  # noqa: E402
-import plan  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+import memory
+import plan
+import vlm_fixtures
+from conftest import REPO
+from model import GPT, GPTConfig
 
 
 def tensor_bytes(tensors):
@@ -66,7 +65,7 @@ def test_gpt_parameter_count_matches_the_model(bias):
 
 
 def gpt2_medium_peak(batch_size=2, activation_checkpointing=False):
-    shape = memory.gpt_shape(plan.gpt_config([os.path.join(ROOT, "config/finetune_gpt2_medium.py")]))
+    shape = memory.gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
     return sum(memory.gpt_memory(shape, batch_size, 1, "bfloat16", activation_checkpointing=activation_checkpointing).values())
 
 
@@ -82,15 +81,7 @@ def test_activation_checkpointing_needs_less_memory():
 # VLM bytes
 
 def tiny_qwen2_vl_config():
-    from transformers import Qwen2VLConfig
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-    # embed_dim 64 and merged width 256 make the vision linears big enough for every code path
-    vision = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=290, video_token_id=291,
-                         vision_start_token_id=292, vision_end_token_id=293, tie_word_embeddings=False)
+    return vlm_fixtures.tiny_qwen2_vl_config(tie_word_embeddings=False)  # untied: lm_head counted on its own
 
 
 def is_vision(name):
@@ -216,7 +207,7 @@ def test_cpu_records_and_unknown_peaks_leave_the_default_mfu(tmp_path):
 # docs/PLANNING.md: generated tables, checked
 
 def test_docs_tables_match_the_committed_planning_page(tmp_path):
-    committed = os.path.join(ROOT, "docs", "PLANNING.md")
+    committed = os.path.join(REPO, "docs", "PLANNING.md")
     copy = tmp_path / "PLANNING.md"
     shutil.copy(committed, copy)
     plan.update_docs(str(copy))
@@ -251,7 +242,7 @@ def test_docs_without_markers_is_a_one_line_error(tmp_path):
 # the training scripts' start-up line, and the direction of the imports
 
 def test_gpt_start_line_on_cpu_gives_memory_and_tokens_without_warning():
-    config = plan.gpt_config([os.path.join(ROOT, "config/train_shakespeare_char.py")])
+    config = plan.gpt_config([os.path.join(REPO, "config/train_shakespeare_char.py")])
     line = memory.gpt_start_line(config, world_size=1, device="cpu")
     assert line.startswith("plan: peak ~") and "16,384 tokens/iter" in line and "warning" not in line
 
@@ -279,7 +270,7 @@ def test_start_line_warns_when_the_run_will_not_fit_the_gpu(monkeypatch):
 
 @pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py", "train_ds.py", "vlm_data.py", "vlm_checkpoint.py"])
 def test_shared_code_and_training_do_not_import_the_planner(script):
-    with open(os.path.join(ROOT, script)) as f:
+    with open(os.path.join(REPO, script)) as f:
         tree = ast.parse(f.read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}

@@ -173,21 +173,37 @@ def test_bad_data_stops_with_one_line_naming_file_and_record(work, tmp_path, mon
     assert not output_dir.exists()  # failed before writing anything
 
 
-def test_bad_setup_errors_are_one_line(work, tmp_path, monkeypatch):
-    base = [*work["args"], "--output-dir", str(tmp_path / "out")]
-    no_template = write_no_template_copy(work["qwen"], str(tmp_path / "no-template"))
-    assert "no chat template" in error_of([*base, "--model", no_template, "--no-deepspeed"])
-    assert "not found" in error_of([*base, "--data", str(tmp_path / "missing.json"), "--no-deepspeed"])
-    assert error_of([*base, "--use-4bit", "--no-deepspeed"]) == (
-        "error: --use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
+BAD_SETUP = {  # (extra arguments, the error line); {no_template}, {missing}, {zero3} are filled in
+    "model without a chat template": (["--model", "{no_template}", "--no-deepspeed"], "no chat template"),
+    "data file missing": (["--data", "{missing}", "--no-deepspeed"], "missing.json not found"),
+    "4-bit without LoRA": (["--use-4bit", "--no-deepspeed"], "--use-4bit needs --use-lora: 4-bit weights cannot be "
+                                                             "trained directly, only adapters on top of them"),
+    "4-bit under ZeRO-3 without a 16-bit storage": (["--use-4bit", "--use-lora", "--deepspeed", "{zero3}"],
+                                                    "--use-4bit with ZeRO-3 works only when"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETUP))
+def test_bad_setup_is_one_line(work, tmp_path, case):
+    extra, expected = BAD_SETUP[case]
+    paths = {"missing": str(tmp_path / "missing.json"), "zero3": os.path.join(REPO, "ds_config_zero3.json"),
+             "no_template": str(tmp_path / "no-template")}
+    if "{no_template}" in extra:
+        write_no_template_copy(work["qwen"], paths["no_template"])
+    assert expected in error_of([*work["args"], "--output-dir", str(tmp_path / "out"), *[a.format(**paths) for a in extra]])
+
+
+def test_4bit_without_bitsandbytes_says_how_to_install_it(work, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    assert "pip install bitsandbytes" in error_of([*base, "--use-4bit", "--use-lora", "--no-deepspeed"])
-    monkeypatch.undo()
-    zero3 = os.path.join(REPO, "ds_config_zero3.json")
-    assert "ZeRO-3" in error_of([*base, "--use-4bit", "--use-lora", "--deepspeed", zero3])
+    message = error_of([*work["args"], "--output-dir", str(tmp_path / "out"), "--use-4bit", "--use-lora", "--no-deepspeed"])
+    assert message == "error: --use-4bit needs bitsandbytes: pip install bitsandbytes"
+
+
+def test_an_output_dir_with_checkpoints_is_never_trained_over(work, tmp_path):
+    base = [*work["args"], "--output-dir", str(tmp_path / "out"), "--no-deepspeed", "--use-lora"]
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
-    assert "--resume" in error_of([*base, "--no-deepspeed", "--use-lora"])  # never trains over old results
-    assert "cannot load" in error_of([*base, "--no-deepspeed", "--use-lora", "--resume"])  # empty/corrupt checkpoint
+    assert "already holds checkpoints; pass --resume" in error_of(base)
+    assert "cannot load" in error_of([*base, "--resume"])  # an empty checkpoint folder
     assert sorted(os.listdir(tmp_path / "out")) == [".lock", "checkpoint-3"]
 
 

@@ -55,6 +55,23 @@ class ImageOnlyProcessor({base}):
 '''
 
 
+# the tiny Qwen2-VL every test uses; embed_dim 64 (merged width 256) makes the vision linears big
+# enough for every code path (bitsandbytes' blocks, LoRA)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+TINY_VISION = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2)
+
+
+def tiny_qwen2_vl_config(vocab_size=300, image_token_id=290, video_token_id=291, vision_start_token_id=292,
+                         vision_end_token_id=293, tie_word_embeddings=True):
+    from transformers import Qwen2VLConfig
+    return Qwen2VLConfig(text_config=dict(TINY_TEXT, vocab_size=vocab_size), vision_config=TINY_VISION,
+                         image_token_id=image_token_id, video_token_id=video_token_id,
+                         vision_start_token_id=vision_start_token_id, vision_end_token_id=vision_end_token_id,
+                         tie_word_embeddings=tie_word_embeddings)
+
+
 def train_tokenizer(special_tokens, eos_token, pad_token, vocab_size=400):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,11 +93,7 @@ def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
     tokenizer = train_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
     if size == "tiny":
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tokenizer),
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        text, vision = dict(TINY_TEXT, vocab_size=len(tokenizer)), TINY_VISION
         if version == "2.5":  # windowed attention, a gated MLP and its own output width
             vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
