@@ -1,10 +1,10 @@
 """
-What the scripts share: one way to report a user's mistake, setting ranges, device and dtype
-resolution, an out_dir lock, crash-safe writes, RNG state for exact resume, safe dataset
-metadata, and a wandb start that falls back to offline instead of crashing.
+What the scripts share, each in one place: reporting a user's mistake in one line, settings'
+ranges, device and dtype, the output folder's lock and cleanup, crash-safe writes and full-disk
+errors, the training loop's mechanics (schedule, stop signals, log.jsonl, non-finite stop, peak
+memory), RNG state for exact resume, batch offsets, checkpoint and dataset-metadata loading, wandb.
 """
 import errno
-from contextlib import contextmanager
 import json
 import math
 import os
@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def resolve_device(device):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device_type = device.split(":")[0]
-    if device_type not in ("cpu", "cuda", "mps") or not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)", device):
+    if not re.fullmatch(r"(cpu|mps|cuda(:\d+)?)", device):
         fail(f"device='{device}' is unknown: use auto, cpu, cuda, cuda:N or mps")
     if device_type == "cuda" and not torch.cuda.is_available():
         fail(f"device='{device}' but CUDA is not available here: use --device=cpu (or auto)")
@@ -292,12 +293,6 @@ def write_failure(error, folder):
     return f"{reason}{free}"
 
 
-def barrier():
-    """Wait for every process (a no-op in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def fsync_dir(folder):
     # make the rename itself durable; not every OS lets us open a directory
     try:
@@ -314,6 +309,12 @@ def fsync_dir(folder):
 
 # -----------------------------------------------------------------------------
 # the training loop's mechanics, the same in train.py and train_ds.py
+
+def barrier():
+    """Wait for every process (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
 
 def cosine_lr(step, max_lr, min_lr, warmup, decay_steps):
     """Linear warmup over `warmup` steps, then a cosine from max_lr to min_lr at decay_steps; min_lr after."""
