@@ -12,15 +12,16 @@ bitsandbytes and DeepSpeed. Our own code: reading and checking the data, masking
 assistant's replies (both in vlm_data.py), and checkpoints that survive crashes and ZeRO-3. `--help`
 lists every flag.
 
-Labels: the loss is on the assistant's replies only, each with its end-of-turn token. The replies
-are found by rendering the conversation turn by turn with the model's chat template, so any
-template that renders turns in order works. Long samples are never truncated (a cut could land
+Labels: the loss is on the assistant's replies only, each with its end-of-turn token (the EOS
+token is appended where the template puts none, as LLaVA-1.5's: else the model never learns to
+stop). The replies are found by rendering the conversation turn by turn with the model's chat
+template, so any template that renders turns in order works. Long samples are never truncated (a cut could land
 inside an image's tokens): they stop the run, or --skip-long drops and counts them.
 
 DeepSpeed: batch size, accumulation, precision and clipping come from the flags and are written
 into the ZeRO config (which must hold no "auto"); the optimizer and schedule are ours (AdamW;
 DeepSpeed's CPU Adam under optimizer offload). overlap_comm is off in the shipped configs: it is
-known to give NaN or zero losses. Under ZeRO-3 a batch without any image gets a fully masked blank
+known to give NaN or zero losses (a config that turns it on gets a warning). Under ZeRO-3 a batch without any image gets a fully masked blank
 image, so every rank runs the vision tower and none waits forever for the others; 4-bit weights
 need --bf16/--fp16 there (ZeRO-3 splits only floating-point storage: bnb_4bit_quant_storage).
 
@@ -40,6 +41,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -83,7 +85,7 @@ def build_parser():
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-target-modules", default=None,
-                   help="comma-separated module names (default: every linear layer of the language model)")
+                   help="comma-separated module names, in the language model only (default: all its linear layers)")
     p.add_argument("--modules-to-save", default=None,
                    help="comma-separated non-LoRA modules to train fully, e.g. multi_modal_projector")
     p.add_argument("--use-4bit", action="store_true", help="QLoRA: nf4 base weights (bitsandbytes), needs --use-lora")
@@ -119,7 +121,8 @@ def build_parser():
     p.add_argument("--wandb", action="store_true")
     p.add_argument("--wandb-project", default="vlm-finetune")
     # other jobs
-    p.add_argument("--merge-lora", metavar="CHECKPOINT", default=None, help="merge a checkpoint's adapter into its base model and exit")
+    p.add_argument("--merge-lora", metavar="CHECKPOINT", default=None,
+                   help="merge a checkpoint's adapter into its base model and exit (in the base's dtype, or --bf16/--fp16/--fp32)")
     p.add_argument("--random-init", action="store_true", help="random weights from --model's config (no weight download)")
     p.add_argument("--benchmark", action="store_true", help="time training on synthetic images; prints one JSON line")
     p.add_argument("--benchmark-image-size", type=int, default=448)
@@ -176,7 +179,17 @@ def choose_dtype(args):
             fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --fp16")
         return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     name = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")  # native bf16 only, as train.py
+    if name == "float16" and is_qwen(args):
+        log("warning: this GPU has no bfloat16, so training runs in fp16, in which Qwen2 models are known to overflow "
+            "(NaN losses): if they appear, use --fp32 or a GPU with bfloat16")
     return getattr(torch, name)
+
+
+def is_qwen(args):
+    try:
+        return AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).model_type.startswith("qwen")
+    except (OSError, ValueError):  # no readable config: load_processor says so in one line, later
+        return False
 
 
 def deepspeed_config(args, dtype):
@@ -185,14 +198,18 @@ def deepspeed_config(args, dtype):
             config = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         fail(f"--deepspeed {args.deepspeed}: {e}")
-    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
+    if not isinstance(config, dict) or not all(isinstance(config.get(key, {}), dict)
+                                               for key in ("zero_optimization", "bf16", "fp16")):
         fail(f"--deepspeed {args.deepspeed}: a DeepSpeed config is a JSON object (see ds_config.json)")
-    # one source of truth: these come from the flags, whatever the file says
+    # one source of truth: these come from the flags, whatever the file says; the file's other
+    # precision settings (loss_scale_window, ...) are kept, with a dynamic fp16 loss scale by default
     config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
                   train_batch_size=args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE,
                   gradient_clipping=args.grad_clip,  # 0: no clipping, as without DeepSpeed
-                  bf16={"enabled": dtype == torch.bfloat16},
-                  fp16={"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16})
+                  bf16={**config.get("bf16", {}), "enabled": dtype == torch.bfloat16},
+                  fp16={"loss_scale": 0, "initial_scale_power": 16, **config.get("fp16", {}), "enabled": dtype == torch.float16})
+    if config.get("zero_optimization", {}).get("overlap_comm"):
+        log(f"warning: --deepspeed {args.deepspeed} sets overlap_comm, a known cause of zero or NaN losses: set it to false")
     if "auto" in json.dumps(config):
         fail(f"--deepspeed {args.deepspeed}: replace the \"auto\" values with numbers (this script fills in only batch size, precision and clipping)")
     return config
@@ -236,12 +253,16 @@ def is_vision(name):
     return any(part in VISION_MODULES for part in name.split("."))
 
 
+def in_language_model(leaf_names):
+    """A regex peft matches against full module names: these leaf names under the language model
+    only. The vision towers use the same names (q_proj, gate_proj, ...) and stay frozen."""
+    return rf".*language_model.*\.({'|'.join(re.escape(name) for name in sorted(leaf_names))})"
+
+
 def language_model_linear_layers(model):
-    """A regex peft matches against full module names: every nn.Linear (bnb's 4-bit ones included)
-    under the language model, none in the vision tower, not lm_head."""
-    leaves = {name.split(".")[-1] for name, module in model.named_modules()
-              if isinstance(module, torch.nn.Linear) and "language_model" in name and not is_vision(name)}
-    return rf".*language_model.*\.({'|'.join(sorted(leaves))})"
+    """Every nn.Linear (bnb's 4-bit ones included) under the language model, not lm_head."""
+    return {name.split(".")[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "language_model" in name and not is_vision(name)}
 
 
 def load_model(args, dtype, device, zero3):
@@ -264,7 +285,6 @@ def load_model(args, dtype, device, zero3):
         if not zero3:
             kwargs["device_map"] = {"": device}
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
-    model.config.use_cache = False
     model.requires_grad_(not args.use_lora)
     for name, param in model.named_parameters():
         if is_vision(name):  # the vision tower stays frozen
@@ -290,7 +310,8 @@ def load_model(args, dtype, device, zero3):
 
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
-    targets = args.lora_target_modules.split(",") if args.lora_target_modules else language_model_linear_layers(model)
+    targets = in_language_model(args.lora_target_modules.split(",") if args.lora_target_modules
+                                else language_model_linear_layers(model))
     to_save = args.modules_to_save.split(",") if args.modules_to_save else None
     names = [name for name, _ in model.named_modules()]
     for wanted in to_save or []:  # peft ignores a name that matches nothing: the user would train less than asked
@@ -405,8 +426,8 @@ def train_step(engine, batches, accumulation):
     loss_sum, tokens = 0.0, 0
     for batch in batches:
         tokens += int(batch["attention_mask"].sum())
-        with engine.autocast:
-            loss = engine.forward(**batch).loss
+        with engine.autocast:  # no KV cache in training; passed per call, so the saved config keeps the base's
+            loss = engine.forward(**batch, use_cache=False).loss
         engine.backward(loss)
         loss_sum += loss.item() / accumulation
     loss_mean = mean_over_ranks(loss_sum)  # NaN/inf on any rank makes it so on every rank: one decision
@@ -422,7 +443,7 @@ def estimate_eval_loss(engine, data, args, device):
     for start in range(0, len(data.eval), args.batch_size):
         with engine.autocast:
             batch = encode(data.eval[start:start + args.batch_size], data.processor, data.dummy_image_size).to(device)
-            losses.append(engine.forward(**batch).loss.item())
+            losses.append(engine.forward(**batch, use_cache=False).loss.item())
     engine.forward.train()
     return sum(losses) / len(losses)
 
@@ -544,7 +565,9 @@ def merge_lora(args):
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         fail(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
     remote_code = run.get("trust_remote_code", False)
-    dtype = choose_dtype(args)  # full precision weights, never 4-bit: merging into nf4 would lose the delta
+    # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
+    # model's own dtype (its config's), so the merged model is as large as the base, not fp32
+    dtype = choose_dtype(args) if args.bf16 or args.fp16 or args.fp32 else "auto"
     model = AutoModelForImageTextToText.from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
     model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
     tmp = temp_path(output_dir)  # this process's own name (its pid): a folder of the user's is never touched

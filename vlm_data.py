@@ -173,7 +173,8 @@ def synthetic_samples(folder, count, size, words, seed, write_images=True):
 # encoding: the processor builds the inputs; we build the labels
 
 def load_processor(model, trust_remote_code, min_pixels, max_pixels):
-    """The model's own processor (tokenizer, image processor, chat template), padding on the right."""
+    """The model's own processor (tokenizer, image processor, chat template), as the model ships it:
+    it is saved into every checkpoint, so its padding side stays the base model's (encode pads right per call)."""
     try:
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code,
                                                   min_pixels=min_pixels, max_pixels=max_pixels)
@@ -181,7 +182,6 @@ def load_processor(model, trust_remote_code, min_pixels, max_pixels):
         fail(f"cannot load a processor from {model}: {str(e).splitlines()[0]}")
     if not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
         fail(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
-    processor.tokenizer.padding_side = "right"
     return processor
 
 
@@ -198,7 +198,21 @@ def assistant_spans(messages, processor):
             fail("the chat template does not render a conversation turn by turn, so the assistant's "
                  "replies cannot be located; use a model whose template does (e.g. Qwen2-VL, LLaVA-1.5)")
         spans.append((len(before), len(through.rstrip())))
-    return text, spans
+    return with_end_tokens(text, spans, processor.tokenizer)
+
+
+def with_end_tokens(text, spans, tokenizer):
+    """Append the EOS token to every reply that does not end with an end-of-turn token already:
+    LLaVA-1.5's template ends a reply with none, and a model never shown one never learns to stop.
+    Qwen's <|im_end|> is left as it is. Returns the new text and spans."""
+    ends = tuple(token for token in (tokenizer.eos_token, *tokenizer.all_special_tokens) if token)
+    pieces, new_spans, shift, last = [], [], 0, 0
+    for start, end in spans:
+        added = "" if not tokenizer.eos_token or text[start:end].endswith(ends) else tokenizer.eos_token
+        pieces += [text[last:end], added]
+        new_spans.append((start + shift, end + shift + len(added)))
+        shift, last = shift + len(added), end
+    return "".join(pieces) + text[last:], new_spans
 
 
 def assistant_labels(text, spans, input_ids, processor):
@@ -236,10 +250,11 @@ def encode(samples, processor, dummy_image_size=None):
         texts.append(processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False))
         images.append(Image.new("RGB", (dummy_image_size, dummy_image_size)))
         rendered.append((texts[-1], []))
-    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    # right padding for training, per call: the tokenizer keeps the base model's side (left for batched generation)
+    batch = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
     labels = torch.full_like(batch["input_ids"], -100)
     for row, (text, spans) in enumerate(rendered):
-        real = batch["attention_mask"][row].bool()  # padding may be on either side
+        real = batch["attention_mask"][row].bool()
         labels[row, real] = torch.tensor(assistant_labels(text, spans, batch["input_ids"][row, real].tolist(), processor))
     batch["labels"] = labels
     return batch

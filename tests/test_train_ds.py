@@ -87,16 +87,49 @@ def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
     assert len(image_positions) == 4 and all(labels[i] == -100 for i in image_positions)  # 56x56 -> 2x2 merged patches
 
 
+def llava_processor(work):
+    args = train_ds.parse_args(["--model", work["llava"]])
+    return vlm_data.load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
+
+
 def test_llava_labels_keep_the_reply_and_its_end_token(work, tmp_path):
     from PIL import Image
     Image.new("RGB", (28, 28), "blue").save(tmp_path / "blue.png")
-    args = train_ds.parse_args(["--model", work["llava"]])
-    processor = vlm_data.load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
+    processor = llava_processor(work)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
     batch = vlm_data.encode([(messages, [str(tmp_path / "blue.png")], "known sample")], processor)
     kept = batch["input_ids"][0][batch["labels"][0] != -100]
+    # llava-1.5's template puts no end token after a reply: we append </s>, so the model learns to stop
     assert processor.tokenizer.decode(kept).strip() == "blue</s>"
+
+
+def test_llava_replies_get_an_eos_token_appended_and_labelled(work):
+    processor = llava_processor(work)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+                {"role": "user", "content": [{"type": "text", "text": "what shape?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "star"}]}]
+    assert processor.tokenizer.eos_token not in processor.apply_chat_template(messages, tokenize=False)  # as the hub's
+    batch = vlm_data.encode([(messages, [], "two replies")], processor)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    eos_positions = [i for i, token in enumerate(ids) if token == processor.tokenizer.eos_token_id]
+    assert len(eos_positions) == 2 and all(labels[i] == ids[i] for i in eos_positions)  # one per reply, learnt
+    assert processor.tokenizer.decode(ids[eos_positions[0] + 1:]).startswith(" USER: what shape?")  # before the next turn
+    assert processor.tokenizer.decode([t for t in labels if t != -100]).replace(" ", "") == "blue</s>star</s>"
+
+
+def test_training_batches_pad_on_the_right_and_the_tokenizer_keeps_its_side(work):
+    processor = qwen_processor(work)
+    assert processor.tokenizer.padding_side == "left"  # the fixtures' side, as a model set up for batched generation
+    samples = [([{"role": "user", "content": [{"type": "text", "text": text}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], [], text)
+               for text in ("what colour is the shape", "hi")]
+    batch = vlm_data.encode(samples, processor)
+    short = batch["attention_mask"][1].tolist()
+    assert short[0] == 1 and short[-1] == 0 and short == sorted(short, reverse=True)  # real tokens, then padding
+    assert (batch["labels"][1][batch["attention_mask"][1] == 0] == -100).all()
+    assert processor.tokenizer.padding_side == "left"
 
 
 def test_text_only_batch_gets_a_masked_dummy_image_under_zero3(work):
@@ -331,6 +364,13 @@ def lora_run(work):
     return args, output_dir
 
 
+def test_checkpoints_keep_the_base_models_padding_side(work, lora_run):
+    _, output_dir = lora_run
+    base = json.load(open(os.path.join(work["qwen"], "tokenizer_config.json")))["padding_side"]
+    saved = json.load(open(os.path.join(output_dir, "checkpoint-8", "tokenizer_config.json")))["padding_side"]
+    assert base == saved == "left"  # training pads right per call: generation from the checkpoint pads as the base
+
+
 def test_lora_run_loss_falls_and_checkpoints_hold_everything(lora_run):
     _, output_dir = lora_run
     losses = [entry["loss"] for entry in read_log(output_dir)]
@@ -420,6 +460,33 @@ def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
         adapter_logits, merged_logits, base_logits = (m(**batch).logits for m in (adapter, merged, base))
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
     assert (base_logits - adapter_logits).abs().max() > 1e-2  # the adapter did change something
+    merged_config = json.load(open(os.path.join(checkpoint + "-merged", "config.json")))
+    assert merged_config.get("use_cache") == json.load(open(os.path.join(work["qwen"], "config.json"))).get("use_cache")
+    assert json.load(open(os.path.join(checkpoint + "-merged", "tokenizer_config.json")))["padding_side"] == "left"
+
+
+def test_merge_keeps_the_base_models_dtype(work, lora_run, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    _, output_dir = lora_run
+    base = str(tmp_path / "bf16-base")  # a base saved in bfloat16, as most hub models are
+    shutil.copytree(work["qwen"], base)
+    AutoModelForImageTextToText.from_pretrained(work["qwen"], dtype=torch.bfloat16).save_pretrained(base)
+    checkpoint = str(tmp_path / "checkpoint-8")
+    shutil.copytree(os.path.join(output_dir, "checkpoint-8"), checkpoint)
+    run_args = json.load(open(os.path.join(checkpoint, "run_args.json")))
+    json.dump(dict(run_args, model=base), open(os.path.join(checkpoint, "run_args.json"), "w"))
+    train_ds.main(["--merge-lora", checkpoint])  # on a CPU, where the training default is fp32
+    merged = load_file(os.path.join(checkpoint + "-merged", "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+
+
+def test_full_finetune_checkpoint_keeps_the_base_config(work, tmp_path):
+    output_dir = str(tmp_path / "full")
+    train_ds.main([*work["args"], "--no-deepspeed", "--max-steps", "1", "--output-dir", output_dir])
+    base = json.load(open(os.path.join(work["qwen"], "config.json")))
+    saved = json.load(open(os.path.join(output_dir, "checkpoint-1", "config.json")))
+    assert saved.get("use_cache") == base.get("use_cache")  # the KV cache is off in training only
+    assert saved["text_config"].get("use_cache") == base["text_config"].get("use_cache")
 
 
 def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
@@ -442,6 +509,17 @@ def test_llava_trains_on_messages_format_with_projector_saved(work, tmp_path):
                    "--modules-to-save", "multi_modal_projector", "--max-steps", "2", "--output-dir", output_dir])
     adapter = load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
     assert any("multi_modal_projector" in name for name in adapter) and any("lora_A" in name for name in adapter)
+
+
+def test_custom_lora_targets_stay_out_of_the_vision_tower(work, tmp_path):
+    output_dir = str(tmp_path / "llava-qv")
+    # CLIP's attention has q_proj and v_proj too: LoRA must land only on the language model's
+    train_ds.main(["--model", work["llava"], "--data", work["val"], "--no-deepspeed", "--use-lora",
+                   "--lora-target-modules", "q_proj,v_proj", "--max-steps", "1", "--output-dir", output_dir])
+    lora = [name for name in load_file(os.path.join(output_dir, "checkpoint-1", "adapter_model.safetensors"))
+            if "lora_" in name]
+    assert not [name for name in lora if "vision_tower" in name]
+    assert lora and all("language_model" in name and name.split(".")[-3] in ("q_proj", "v_proj") for name in lora)
 
 
 def test_qwen2_5_vl_trains_with_lora(work, tmp_path):
@@ -496,6 +574,35 @@ def deepspeed_run(work, output_dir, extra):
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=420, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return read_log(output_dir)
+
+
+def test_fp16_picked_for_qwen_on_a_gpu_without_bfloat16_warns(work, monkeypatch, capsys):
+    # a T4 or V100: bfloat16 only emulated, so the default is fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train_ds.choose_dtype(train_ds.parse_args(work["args"])) == torch.float16
+    warning = capsys.readouterr().out.strip()
+    assert warning.startswith("warning: ") and "Qwen2" in warning and "\n" not in warning
+    assert train_ds.choose_dtype(train_ds.parse_args(["--model", work["llava"]])) == torch.float16
+    assert train_ds.choose_dtype(train_ds.parse_args([*work["args"], "--fp16"])) == torch.float16  # asked for: no warning
+    assert capsys.readouterr().out == ""
+
+
+def test_deepspeed_config_keeps_the_users_precision_settings_and_warns_of_overlap_comm(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
+                                "bf16": {"enabled": False, "immediate_grad_update": True},
+                                "fp16": {"enabled": True, "loss_scale_window": 500, "hysteresis": 4}}))
+    args = train_ds.parse_args(["--deepspeed", str(path)])
+    config = train_ds.deepspeed_config(args, torch.bfloat16)
+    assert config["bf16"] == {"enabled": True, "immediate_grad_update": True}  # the flags decide "enabled" only
+    assert config["fp16"] == {"enabled": False, "loss_scale_window": 500, "hysteresis": 4, "loss_scale": 0,
+                              "initial_scale_power": 16}
+    warning = capsys.readouterr().out.strip()
+    assert warning.startswith("warning: ") and "overlap_comm" in warning and "NaN" in warning and "\n" not in warning
+    args = train_ds.parse_args(["--deepspeed", os.path.join(REPO, "ds_config.json")])
+    train_ds.deepspeed_config(args, torch.float32)
+    assert "overlap_comm" not in capsys.readouterr().out  # the shipped configs turn it off
 
 
 def test_deepspeed_zero2_two_processes_loss_falls(work, tmp_path):

@@ -33,11 +33,10 @@ QWEN_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template
+LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template: a space after every turn, no EOS after a reply
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
-    "{% elif item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% elif item['type'] == 'image' %}<image>\n{% endif %}{% endfor %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 REMOTE_PROCESSOR = '''
@@ -79,7 +78,9 @@ def train_tokenizer(special_tokens, eos_token, pad_token, vocab_size=400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([WORDS] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token)
+    # padding on the left, as llava-1.5-hf's tokenizer (for batched generation): training pads right on its own
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token,
+                                   padding_side="left")
 
 
 def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
