@@ -53,7 +53,7 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, no
     signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
 
 import hardware  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
@@ -61,7 +61,7 @@ from utils import (append_jsonl, atomic_torch_save, barrier, catch_stop_signals,
                    disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, resolve_dtype, stop_if_diverged,
                    temp_path, trim_jsonl)
 from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, save_checkpoint  # noqa: E402
-from vlm_data import encode, load_processor, measure_samples, read_samples, synthetic_samples  # noqa: E402
+from vlm_data import encode, first_line, load_processor, measure_samples, read_samples, synthetic_samples  # noqa: E402
 
 VISION_MODULES = ["visual", "vision_tower", "multi_modal_projector"]  # Qwen2-VL / LLaVA names; kept 16-bit, frozen
 # set by the launcher (deepspeed, torchrun); `python train_ds.py` alone is rank 0 of 1
@@ -284,7 +284,7 @@ def load_model(args, dtype, device, zero3):
             llm_int8_skip_modules=[f"model.{name}" for name in VISION_MODULES] + ["lm_head"])
         if not zero3:
             kwargs["device_map"] = {"": device}
-    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+    model = from_pretrained(model_path, **kwargs)
     model.requires_grad_(not args.use_lora)
     for name, param in model.named_parameters():
         if is_vision(name):  # the vision tower stays frozen
@@ -306,6 +306,13 @@ def load_model(args, dtype, device, zero3):
     log(f"{parameter_count(p for p in model.parameters() if p.requires_grad):,} trainable of "
         f"{parameter_count(model.parameters()):,} parameters")
     return model
+
+
+def from_pretrained(path, **kwargs):
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except Exception as e:  # a missing file or package, a model type this transformers lacks, no memory: one line
+        fail(f"cannot load the model from {path}: {type(e).__name__}: {first_line(e)}")
 
 
 def add_lora(model, args):
@@ -568,13 +575,13 @@ def merge_lora(args):
     # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
     # model's own dtype (its config's), so the merged model is as large as the base, not fp32
     dtype = choose_dtype(args) if args.bf16 or args.fp16 or args.fp32 else "auto"
-    model = AutoModelForImageTextToText.from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
+    model = from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
     model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
     tmp = temp_path(output_dir)  # this process's own name (its pid): a folder of the user's is never touched
     with disk_write(f"the merged model {output_dir}", os.path.dirname(os.path.abspath(output_dir)),
                     then="free disk space and merge again", partial=tmp):
         model.save_pretrained(tmp)
-        AutoProcessor.from_pretrained(checkpoint, trust_remote_code=remote_code).save_pretrained(tmp)
+        load_processor(checkpoint, remote_code, run.get("min_pixels"), run.get("max_pixels")).save_pretrained(tmp)
         if os.path.exists(output_dir):
             os.rmdir(output_dir)  # empty, checked above
         os.replace(tmp, output_dir)

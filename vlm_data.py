@@ -175,14 +175,44 @@ def synthetic_samples(folder, count, size, words, seed, write_images=True):
 def load_processor(model, trust_remote_code, min_pixels, max_pixels):
     """The model's own processor (tokenizer, image processor, chat template), as the model ships it:
     it is saved into every checkpoint, so its padding side stays the base model's (encode pads right per call)."""
+    kwargs = dict(trust_remote_code=trust_remote_code, min_pixels=min_pixels, max_pixels=max_pixels)
     try:
-        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code,
-                                                  min_pixels=min_pixels, max_pixels=max_pixels)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load a processor from {model}: {str(e).splitlines()[0]}")
+        try:
+            processor = AutoProcessor.from_pretrained(model, **kwargs)
+        except (ImportError, OSError) as e:  # a stock Qwen-VL processor also builds a video processor: that
+            # needs torchvision, and a processor saved without one has no video config
+            if not any(cause in str(e).lower() for cause in ("torchvision", "video processor")):
+                raise
+            processor = without_video(processor_class_of(model, trust_remote_code)).from_pretrained(model, **kwargs)
+    except Exception as e:  # a missing file, a bad config, a missing package: one line, whatever transformers raised
+        fail(f"cannot load a processor from {model}: {type(e).__name__}: {first_line(e)}")
     if not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
         fail(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
     return processor
+
+
+def first_line(error):
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+
+def processor_class_of(model, trust_remote_code):
+    """The processor class AutoProcessor picks: named in the processor's or image processor's config,
+    else the one registered for the model's config."""
+    from transformers import AutoConfig, ImageProcessingMixin, ProcessorMixin
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
+    for read in (ProcessorMixin.get_processor_dict, ImageProcessingMixin.get_image_processor_dict):
+        name = read(model)[0].get("processor_class")
+        if name:
+            return processor_class_from_name(name)
+    return PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code))]
+
+
+def without_video(processor_class):
+    """The processor class with its image processor and tokenizer only: this script trains no video,
+    and a machine without torchvision cannot build the video processor. Same name, so a checkpoint's
+    saved processor loads as the stock one."""
+    attributes = [name for name in processor_class.get_attributes() if "video" not in name]
+    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(lambda cls: attributes)})
 
 
 def assistant_spans(messages, processor):

@@ -125,7 +125,7 @@ def tiny_qwen(tmp_path_factory):
 
 def vlm_args(tiny_qwen):
     model, data = tiny_qwen
-    return ['--model', model, '--trust-remote-code', '--data', data, '--min-pixels', str(56 * 56), '--max-pixels', str(56 * 56),
+    return ['--model', model, '--data', data, '--min-pixels', str(56 * 56), '--max-pixels', str(56 * 56),
             '--use-lora', '--max-steps', '6', '--save-steps', '6', '--learning-rate', '1e-2', '--warmup-steps', '0']
 
 

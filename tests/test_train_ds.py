@@ -7,6 +7,7 @@ starting too) and one error check use real processes.
 import errno
 import fcntl
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +40,7 @@ def work(tmp_path_factory):
                       "--size", 56).returncode == 0
     paths = {"root": root, "qwen": str(write_qwen2_vl(str(root / "qwen"))), "llava": str(write_llava(str(root / "llava"))),
              "train": str(root / "demo" / "train.json"), "val": str(root / "demo" / "val.jsonl")}
-    paths["args"] = ["--model", paths["qwen"], "--trust-remote-code", "--data", paths["train"], *TINY_IMAGES,
+    paths["args"] = ["--model", paths["qwen"], "--data", paths["train"], *TINY_IMAGES,
                      "--warmup-steps", "0", "--learning-rate", "1e-2", "--seed", "1"]
     return paths
 
@@ -54,7 +55,7 @@ def error_of(argv):
 
 
 def qwen_processor(work):
-    return vlm_data.load_processor(work["qwen"], trust_remote_code=True, min_pixels=56 * 56, max_pixels=56 * 56)
+    return vlm_data.load_processor(work["qwen"], trust_remote_code=False, min_pixels=56 * 56, max_pixels=56 * 56)
 
 
 # -----------------------------------------------------------------------------
@@ -85,6 +86,19 @@ def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
     assert tokenizer.decode([ids[i] for i in kept]) == "red<|im_end|>circle<|im_end|>"
     image_positions = [i for i, t in enumerate(ids) if t == processor.image_token_id]
     assert len(image_positions) == 4 and all(labels[i] == -100 for i in image_positions)  # 56x56 -> 2x2 merged patches
+
+
+def test_the_stock_qwen_processor_loads_without_torchvision(work, tmp_path):
+    from transformers import AutoProcessor
+    if importlib.util.find_spec("torchvision") is None:  # as on a fresh .[vlm] install: the stock class cannot build
+        with pytest.raises(ImportError, match="(?i)torchvision"):
+            AutoProcessor.from_pretrained(work["qwen"])
+    processor = qwen_processor(work)
+    assert type(processor).__name__ == "Qwen2VLProcessor" and processor.chat_template
+    processor.save_pretrained(tmp_path)  # as every checkpoint does: it loads again, by the stock class's name
+    with open(tmp_path / "processor_config.json") as f:
+        assert json.load(f)["processor_class"] == "Qwen2VLProcessor"
+    assert vlm_data.load_processor(str(tmp_path), False, 56 * 56, 56 * 56).image_processor.size["shortest_edge"] == 56 * 56
 
 
 def llava_processor(work):
@@ -213,6 +227,8 @@ BAD_SETUP = {  # (extra arguments, the error line); {no_template}, {missing}, {z
                                                              "trained directly, only adapters on top of them"),
     "4-bit under ZeRO-3 without a 16-bit storage": (["--use-4bit", "--use-lora", "--deepspeed", "{zero3}"],
                                                     "--use-4bit with ZeRO-3 works only when"),
+    "model folder without a tokenizer": (["--model", "{broken}", "--no-deepspeed"], "cannot load a processor from"),
+    "model folder with a broken config": (["--model", "{bad_config}", "--no-deepspeed"], "cannot load the model from"),
 }
 
 
@@ -220,9 +236,21 @@ BAD_SETUP = {  # (extra arguments, the error line); {no_template}, {missing}, {z
 def test_bad_setup_is_one_line(work, tmp_path, case):
     extra, expected = BAD_SETUP[case]
     paths = {"missing": str(tmp_path / "missing.json"), "zero3": os.path.join(REPO, "ds_config_zero3.json"),
-             "no_template": str(tmp_path / "no-template")}
+             "no_template": str(tmp_path / "no-template"), "broken": str(tmp_path / "broken"),
+             "bad_config": str(tmp_path / "bad-config")}
     if "{no_template}" in extra:
         write_no_template_copy(work["qwen"], paths["no_template"])
+    if "{broken}" in extra:
+        shutil.copytree(work["qwen"], paths["broken"])
+        os.remove(os.path.join(paths["broken"], "tokenizer.json"))
+    if "{bad_config}" in extra:  # the processor loads; the model's config names a width its weights do not have
+        shutil.copytree(work["qwen"], paths["bad_config"])
+        config_path = os.path.join(paths["bad_config"], "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["text_config"]["hidden_size"] *= 2
+        with open(config_path, "w") as f:
+            json.dump(config, f)
     assert expected in error_of([*work["args"], "--output-dir", str(tmp_path / "out"), *[a.format(**paths) for a in extra]])
 
 
@@ -537,7 +565,7 @@ def test_qwen2_5_vl_trains_with_lora(work, tmp_path):
 def test_benchmark_measures_a_random_init_model_from_its_config(work, tmp_path, capsys):
     folder = write_qwen2_vl(str(tmp_path / "config-only"), weights=False)
     assert not any(name.endswith(".safetensors") for name in os.listdir(folder))
-    train_ds.main(["--model", folder, "--trust-remote-code", "--random-init", "--benchmark", "--no-deepspeed",
+    train_ds.main(["--model", folder, "--random-init", "--benchmark", "--no-deepspeed",
                    "--use-lora", "--max-steps", "3", "--benchmark-image-size", "56", "--benchmark-text-words", "20",
                    *TINY_IMAGES, "--output-dir", str(tmp_path / "bench")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

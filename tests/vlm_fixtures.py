@@ -7,14 +7,12 @@ and a random-weight model built from a config.
     python tests/vlm_fixtures.py qwen2-vl-tiny /tmp/tiny-qwen2vl
     python tests/vlm_fixtures.py qwen2-vl-2b /tmp/qwen2vl-2b --no-weights   # for --random-init
 
-Qwen2-VL's stock processor also builds a video processor, which needs torchvision; where
-torchvision is missing we save a small image-only subclass as remote code (auto_map), so the
-folder needs `--trust-remote-code`.
+Qwen-VL folders are written in the hub's layout, so AutoProcessor builds the stock processor;
+it also builds a video processor, which needs torchvision (train_ds.py copes without it).
 """
 import argparse
+import json
 import os
-import sys
-import tempfile
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -38,21 +36,6 @@ LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template: a space after every 
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
     "{% elif item['type'] == 'image' %}<image>\n{% endif %}{% endfor %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-
-REMOTE_PROCESSOR = '''
-from transformers import ProcessorMixin, {base}
-
-
-class ImageOnlyProcessor({base}):
-    """The Qwen-VL processor without its video processor (which needs torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-'''
-
 
 # the tiny Qwen2-VL every test uses; embed_dim 64 (merged width 256) makes the vision linears big
 # enough for every code path (bitsandbytes' blocks, LoRA)
@@ -113,20 +96,13 @@ def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
     config.text_config.pad_token_id = ids["<|endoftext|>"]
     config.text_config.eos_token_id = ids["<|im_end|>"]
     config.text_config.bos_token_id = None
-    image_processor = Qwen2VLImageProcessorPil(**pixels)
-    code_folder = tempfile.mkdtemp()  # save_pretrained copies the class's source file into `folder`
-    with open(os.path.join(code_folder, "image_only_processor.py"), "w") as f:
-        f.write(REMOTE_PROCESSOR.format(base=prefix + "Processor"))
-    sys.path.insert(0, code_folder)
-    sys.modules.pop("image_only_processor", None)  # an earlier call may have imported another base class
-    try:
-        from image_only_processor import ImageOnlyProcessor
-    finally:
-        sys.path.remove(code_folder)
-    processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                          chat_template=QWEN_TEMPLATE)
-    processor.register_for_auto_class("AutoProcessor")
-    processor.save_pretrained(folder)
+    # the hub's layout: preprocessor_config.json naming the processor class, the tokenizer and
+    # chat_template.json. AutoProcessor then builds the stock processor, video processor and all
+    Qwen2VLImageProcessorPil(**pixels).save_pretrained(folder)
+    add_json(os.path.join(folder, "preprocessor_config.json"), processor_class=prefix + "Processor",
+             image_processor_type="Qwen2VLImageProcessor")
+    tokenizer.save_pretrained(folder)
+    add_json(os.path.join(folder, "chat_template.json"), chat_template=QWEN_TEMPLATE)
     save_config_or_model(folder, config, model_class, weights)
     return folder
 
@@ -149,6 +125,15 @@ def write_llava(folder, weights=True):
     processor.save_pretrained(folder)
     save_config_or_model(folder, config, LlavaForConditionalGeneration, weights)
     return folder
+
+
+def add_json(path, **entries):
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**data, **entries}, f, indent=2)
 
 
 def save_config_or_model(folder, config, model_class, weights):
