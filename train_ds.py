@@ -338,16 +338,21 @@ def add_lora(model, args):
 # engine: DeepSpeed or plain PyTorch, chosen once in main(). Either one gives the loop and the
 # checkpoints the same operations: forward, backward(loss), step(finite), save_state, load_state
 
+def param_groups(model, args):
+    """The optimizer's parameter groups, each with its own peak learning rate (the schedule scales them all)."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "peak_lr": args.learning_rate}]
+
+
 def deepspeed_engine(args, model, ds_config):
     """DeepSpeed scales each loss by 1/accumulation and steps at the boundary; ZeRO (stages 1-3)
     skips the update and clears the gradients when their norm is not finite."""
     import deepspeed
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, args)
     if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the CPU with its own Adam
-        optimizer = DeepSpeedCPUAdam(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def backward(loss):
@@ -373,7 +378,7 @@ def plain_engine(args, model, device, dtype):
         param.data = param.data.float()
     if not args.use_4bit:  # 4-bit weights were placed by device_map and must not be moved
         model.to(device)
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
 
@@ -470,8 +475,8 @@ def train(args, engine, data, device, start_step, max_steps):
     try:
         for step in range(start_step, max_steps):
             lr = cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
+            for group in engine.optimizer.param_groups:  # each group's own peak, on the same schedule
+                group["lr"] = cosine_lr(step, group["peak_lr"], 0.1 * group["peak_lr"], args.warmup_steps, max_steps)
             if device.type == "cuda":  # CUDA runs ahead of Python: wait before reading the clock
                 torch.cuda.synchronize()
             t0 = time.time()
