@@ -38,6 +38,7 @@ step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (test
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -61,7 +62,8 @@ from utils import (append_jsonl, atomic_torch_save, barrier, catch_stop_signals,
                    disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, resolve_dtype, stop_if_diverged,
                    temp_path, trim_jsonl)
 from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, save_checkpoint  # noqa: E402
-from vlm_data import encode, first_line, load_processor, measure_samples, read_samples, synthetic_samples  # noqa: E402
+from vlm_data import (Batches, encode, eval_indices, first_line, load_processor, measure_samples, read_samples,  # noqa: E402
+                      synthetic_samples, train_indices)
 
 VISION_MODULES = ["visual", "vision_tower", "multi_modal_projector"]  # Qwen2-VL / LLaVA names; kept 16-bit, frozen
 # set by the launcher (deepspeed, torchrun); `python train_ds.py` alone is rank 0 of 1
@@ -77,6 +79,7 @@ def build_parser():
     p.add_argument("--eval-data", default=None)
     p.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens, image tokens included")
     p.add_argument("--skip-long", action="store_true", help="skip (and count) samples over --max-length instead of stopping")
+    p.add_argument("--num-workers", type=int, default=2, help="processes that decode and encode batches ahead of the GPU")
     p.add_argument("--min-pixels", type=int, default=256 * 28 * 28)
     p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
     # LoRA / QLoRA
@@ -137,7 +140,7 @@ def parse_args(argv=None):
 
 
 RANGES = {  # every numeric flag's valid values; None (not given) passes
-    "max_length": "[1, inf)", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
+    "max_length": "[1, inf)", "num_workers": "[0, 64]", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
     "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
     "learning_rate": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
     "epochs": "(0, inf)", "max_steps": "[1, inf)", "max_nonfinite_steps": "[1, inf)", "save_steps": "[1, inf)",
@@ -229,16 +232,6 @@ def start_processes(ds_config):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
-
-
-def mean_over_ranks(value):
-    if not torch.distributed.is_initialized():
-        return value
-    tensor = torch.tensor(float(value), dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / WORLD_SIZE
 
 
 def log(message):
@@ -336,7 +329,7 @@ def add_lora(model, args):
 
 # -----------------------------------------------------------------------------
 # engine: DeepSpeed or plain PyTorch, chosen once in main(). Either one gives the loop and the
-# checkpoints the same operations: forward, backward(loss), step(finite), save_state, load_state
+# checkpoints the same operations: forward, backward(loss), clip, step(finite, grad_norm), save_state, load_state
 
 def param_groups(model, args):
     """The optimizer's parameter groups, each with its own peak learning rate (the schedule scales them all)."""
@@ -355,8 +348,8 @@ def deepspeed_engine(args, model, ds_config):
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    def backward(loss):
-        engine.backward(loss)
+    def backward(loss):  # the loss is already this micro-batch's share of the global batch's mean, and
+        engine.backward(loss * WORLD_SIZE, scale_wrt_gas=False)  # ZeRO averages the gradients over the ranks
         engine.step()
 
     def save_state(folder, step, trainable_state):  # the optimizer (sharded per rank under ZeRO) and the step
@@ -367,8 +360,12 @@ def deepspeed_engine(args, model, ds_config):
         if client_state is None:
             raise ValueError("no DeepSpeed state in it")
         return client_state["step"]
-    return SimpleNamespace(model=model, forward=engine, optimizer=optimizer, autocast=nullcontext(), backward=backward,
-                           step=lambda finite: finite, save_state=save_state, load_state=load_state)
+    def grad_norm():  # clipped, and the update skipped when not finite, by DeepSpeed at its step
+        norm = engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+    return SimpleNamespace(model=model, forward=engine, optimizer=optimizer, peak_lrs=[g["peak_lr"] for g in groups],
+                           autocast=nullcontext(), backward=backward, clip=lambda: None, grad_norm=grad_norm, step=lambda finite, grad_norm: finite,
+                           save_state=save_state, load_state=load_state)
 
 
 def plain_engine(args, model, device, dtype):
@@ -378,17 +375,18 @@ def plain_engine(args, model, device, dtype):
         param.data = param.data.float()
     if not args.use_4bit:  # 4-bit weights were placed by device_map and must not be moved
         model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    groups = param_groups(model, args)
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
 
-    def backward(loss):
-        scaler.scale(loss / args.gradient_accumulation_steps).backward()
+    def backward(loss):  # the loss is already this micro-batch's share of the step's mean
+        scaler.scale(loss).backward()
 
-    def step(finite):
+    def clip():  # --grad-clip 0: no clipping (as DeepSpeed's gradient_clipping 0); the norm still flags inf/NaN
         scaler.unscale_(optimizer)
-        # --grad-clip 0: no clipping (as DeepSpeed's gradient_clipping 0), but the norm still flags inf/NaN
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+        return torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+
+    def step(finite, grad_norm):
         finite = finite and (math.isfinite(grad_norm) or scaler.is_enabled())  # fp16: the scaler skips overflows
         if finite:
             scaler.step(optimizer)
@@ -409,55 +407,89 @@ def plain_engine(args, model, device, dtype):
         scaler.load_state_dict(state["scaler"])
         return state["step"]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    return SimpleNamespace(model=model, forward=model, optimizer=optimizer, autocast=autocast, backward=backward,
-                           step=step, save_state=save_state, load_state=load_state)
+    return SimpleNamespace(model=model, forward=model, optimizer=optimizer, peak_lrs=[g["peak_lr"] for g in groups],
+                           autocast=autocast, backward=backward, clip=clip, step=step, save_state=save_state, load_state=load_state)
 
 
 # -----------------------------------------------------------------------------
 # the loop: the schedule and the data order are pure functions of the step, so resuming restores both
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(sample_count, seed, epoch):
-    return torch.randperm(sample_count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+def loader(samples, indices, order, data, args, device):
+    """Batches of samples, encoded in --num-workers processes ahead of the GPU; `order` lists the items.
+    Its own generator: the global RNG (dropout's, saved in checkpoints) must not feed the workers' seeds."""
+    return torch.utils.data.DataLoader(Batches(samples, data.processor, indices, data.dummy_image), batch_size=None,
+                                       sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                       prefetch_factor=4 if args.num_workers else None,
+                                       generator=torch.Generator().manual_seed(args.seed),
+                                       worker_init_fn=functools.partial(start_worker, data.lock))
 
 
-def micro_batches(data, step, args, device):
-    """This rank's micro-batches of one step, each encoded when it is needed. Each rank takes its own
-    slice of the step's samples, in an order shuffled once per epoch."""
-    count = len(data.train)
-    for micro_step in range(args.gradient_accumulation_steps):
-        first = ((step * args.gradient_accumulation_steps + micro_step) * WORLD_SIZE + RANK) * args.batch_size
-        samples = [data.train[epoch_order(count, args.seed, position // count)[position % count]]
-                   for position in range(first, first + args.batch_size)]
-        yield encode(samples, data.processor, data.dummy_image_size).to(device)
+def start_worker(lock, worker_id):
+    """A worker is forked with our open files. Its copy of --output-dir's lock is closed, so the kernel
+    frees the lock when we die (kill -9 included), not seconds later when orphaned workers notice. Its
+    stderr goes quiet: its errors reach us through the DataLoader, and an orphan's are noise."""
+    if lock is not None:
+        lock.close()
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
 
 
-def train_step(engine, batches, accumulation):
-    """Forward and backward over one step's micro-batches, then the update. Returns the mean loss,
-    all ranks' tokens and whether the update was applied: the same on every rank."""
-    loss_sum, tokens = 0.0, 0
+def to_device(batch, device):
+    if "error" in batch:  # a data error met in a worker: its one line
+        sys.exit(batch["error"])
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def labelled(batch):  # the tokens the loss is over (the model shifts labels by one)
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def sum_over_ranks(values, device):
+    """Numbers or device tensors, summed over the ranks: one all-reduce, one host sync."""
+    tensor = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in values])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_step(engine, batches, step_labels, stop, device):
+    """Forward and backward over this rank's micro-batches of one step, then the update. Each
+    micro-batch's mean loss is weighted by its share of the label tokens of the whole global batch
+    (every micro-batch of every rank), so every token counts the same, as with HF Trainer's
+    num_items_in_batch. Returns the step's loss, tokens, stop request (from any rank), grad norm and
+    whether the update was applied: the same on every rank."""
+    loss_sum, tokens = torch.zeros((), device=device), 0
     for batch in batches:
         tokens += int(batch["attention_mask"].sum())
+        share = labelled(batch) / step_labels
         with engine.autocast:  # no KV cache in training; passed per call, so the saved config keeps the base's
-            loss = engine.forward(**batch, use_cache=False).loss
+            loss = engine.forward(**to_device(batch, device), use_cache=False).loss * share
         engine.backward(loss)
-        loss_sum += loss.item() / accumulation
-    loss_mean = mean_over_ranks(loss_sum)  # NaN/inf on any rank makes it so on every rank: one decision
-    applied = engine.step(math.isfinite(loss_mean))
-    return loss_mean, mean_over_ranks(tokens) * WORLD_SIZE, applied
+        loss_sum += loss.detach().float()
+    grad_norm = engine.clip()  # plain: a device tensor, read in the one sync below; DeepSpeed: None (its own)
+    totals = sum_over_ranks([loss_sum, tokens, stop] + ([] if grad_norm is None else [grad_norm]), device)
+    loss, grad_norm = totals[0], totals[3] if grad_norm is not None else engine.grad_norm()
+    applied = engine.step(math.isfinite(loss), grad_norm)  # NaN on any rank: skipped on all
+    return loss, int(totals[1]), totals[2] > 0, grad_norm, applied
 
 
 @torch.no_grad()
 def estimate_eval_loss(engine, data, args, device):
-    # every rank scores every eval sample: ranks run the same forwards (ZeRO-3 needs that)
+    """The eval set's loss per label token. Each rank scores its share of the batches; all run the
+    same number of forwards (ZeRO-3 needs that), so one short of a batch re-scores batch 0 unweighted."""
+    batches = math.ceil(len(data.eval) / args.batch_size)
+    mine = range(RANK, math.ceil(batches / WORLD_SIZE) * WORLD_SIZE, WORLD_SIZE)
+    indices = functools.partial(eval_indices, batch_size=args.batch_size, sample_count=len(data.eval))
     engine.forward.eval()
-    losses = []
-    for start in range(0, len(data.eval), args.batch_size):
+    loss_sum, count = torch.zeros((), device=device), 0
+    for i, batch in zip(mine, loader(data.eval, indices, [i if i < batches else 0 for i in mine], data, args, device)):
         with engine.autocast:
-            batch = encode(data.eval[start:start + args.batch_size], data.processor, data.dummy_image_size).to(device)
-            losses.append(engine.forward(**batch, use_cache=False).loss.item())
+            loss = engine.forward(**to_device(batch, device), use_cache=False).loss
+        weight = labelled(batch) if i < batches else 0
+        loss_sum, count = loss_sum + loss.float() * weight, count + weight
     engine.forward.train()
-    return sum(losses) / len(losses)
+    loss_sum, count = sum_over_ranks([loss_sum, count], device)
+    return loss_sum / count
 
 
 def train(args, engine, data, device, start_step, max_steps):
@@ -468,29 +500,33 @@ def train(args, engine, data, device, start_step, max_steps):
         trim_jsonl(log_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start_step)
     wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
         if args.wandb and RANK == 0 else None
-    samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
+    accumulation = args.gradient_accumulation_steps
+    indices = functools.partial(train_indices, world_size=WORLD_SIZE, batch_size=args.batch_size,
+                                sample_count=len(data.train), seed=args.seed)
+    micro_batches = iter(loader(data.train, functools.partial(indices, rank=RANK),
+                                range(start_step * accumulation, max_steps * accumulation), data, args, device))
+    samples_per_step = args.batch_size * accumulation * WORLD_SIZE
     stop_signals, restore_signal_handlers = catch_stop_signals()
     timings, nonfinite_in_a_row, nonfinite_total = [], 0, 0
     engine.forward.train()
     try:
+        last = time.time()
         for step in range(start_step, max_steps):
             lr = cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
-            for group in engine.optimizer.param_groups:  # each group's own peak, on the same schedule
-                group["lr"] = cosine_lr(step, group["peak_lr"], 0.1 * group["peak_lr"], args.warmup_steps, max_steps)
-            if device.type == "cuda":  # CUDA runs ahead of Python: wait before reading the clock
-                torch.cuda.synchronize()
-            t0 = time.time()
-            batches = micro_batches(data, step, args, device)
-            loss, tokens, finite = train_step(engine, batches, args.gradient_accumulation_steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed, done = time.time() - t0, step + 1
+            for group, peak in zip(engine.optimizer.param_groups, engine.peak_lrs):  # each group's own peak (this
+                group["lr"] = cosine_lr(step, peak, 0.1 * peak, args.warmup_steps, max_steps)  # run's, not a checkpoint's)
+            step_labels = sum(data.label_tokens[i] for micro in range(step * accumulation, (step + 1) * accumulation)
+                              for rank in range(WORLD_SIZE) for i in indices(micro, rank))
+            loss, tokens, stopping, grad_norm, finite = train_step(
+                engine, itertools.islice(micro_batches, accumulation), step_labels, len(stop_signals), device)
+            elapsed, last, done = time.time() - last, time.time(), step + 1  # the step's sync ends it
             timings.append((elapsed, tokens))
             if done % args.log_steps == 0 or done == max_steps:
-                metrics = {"step": done, "loss": loss, "lr": lr, "samples_per_s": samples_per_step / elapsed,
+                metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_step / elapsed,
                            "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device)}
-                log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.2f} samples/s "
-                    f"| {metrics['tokens_per_s']:.0f} tokens/s | peak mem {metrics['peak_memory_gib']:.2f} GiB")
+                log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                    f"{metrics['samples_per_s']:.2f} samples/s | {metrics['tokens_per_s']:.0f} tokens/s | "
+                    f"peak mem {metrics['peak_memory_gib']:.2f} GiB")
                 if log_path:
                     append_jsonl(log_path, metrics)
                 if wandb_run:
@@ -503,7 +539,6 @@ def train(args, engine, data, device, start_step, max_steps):
                 stop_if_diverged(nonfinite_in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
                                  "lower --learning-rate, or use --bf16 instead of --fp16",
                                  f"checkpoint-{saved[-1]}" if saved else None)
-            stopping = mean_over_ranks(len(stop_signals)) > 0  # every rank must take the same decision
             # no save while the loss is not finite: the weights may be ruined, the last good checkpoint stays
             if finite and not args.benchmark and (done % args.save_steps == 0 or done == max_steps or stopping):
                 if data.eval and not stopping:
@@ -512,6 +547,7 @@ def train(args, engine, data, device, start_step, max_steps):
                     if wandb_run:
                         wandb_run.log({"eval_loss": eval_loss}, step=done)
                 save_checkpoint(done, engine, data.processor, args)
+                last = time.time()  # the next step's time excludes the save
             if stopping:
                 log(f"stopped by a signal after step {done}; continue with --resume")
                 break
@@ -615,7 +651,7 @@ def main(argv=None):
         train_samples = measure_samples(args.data, train_samples, processor, args.max_length, args.skip_long, log)
     if args.eval_data:
         eval_samples = measure_samples(args.eval_data, eval_samples, processor, args.max_length, args.skip_long, log)
-    output_lock = claim_output_dir(args)  # noqa: F841 -- held while we run; nothing was written before
+    output_lock = claim_output_dir(args)  # held while we run (data.lock); nothing was written before
     samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
     if args.benchmark:
         train_samples = benchmark_samples(args, samples_per_step)
@@ -624,9 +660,9 @@ def main(argv=None):
     log(f"{len(train_samples)} training samples, {samples_per_step} per step, {max_steps} steps")
     if RANK == 0:
         log(vlm_start_line(args, WORLD_SIZE, device, ds_config))  # expected peak memory; warns if it will not fit
-    # under ZeRO-3 a batch without images gets a masked blank one: every rank must run the vision tower
-    data = SimpleNamespace(train=train_samples, eval=eval_samples, processor=processor,
-                           dummy_image_size=int(math.sqrt(args.min_pixels)) if zero3 else None)
+    # under ZeRO-3 a batch without images gets a tiny masked one: every rank must run the vision tower
+    data = SimpleNamespace(train=train_samples, eval=eval_samples, processor=processor, dummy_image=zero3, lock=output_lock,
+                           label_tokens=[labelled(encode([sample], processor)) for sample in train_samples])
 
     # model, and the engine that trains it
     if zero3:

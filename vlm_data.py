@@ -7,8 +7,10 @@ Two formats, read into one: LLaVA (`image` + `conversations` from human/gpt) and
 where an image goes. Every record is checked before any training starts, and a bad one stops the
 run with one line naming the file and the record. A sample is (messages, image paths, where).
 """
+import functools
 import json
 import os
+import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -269,22 +271,75 @@ def image_token_id_of(processor):
     return token_id if token_id is not None else processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
 
-def encode(samples, processor, dummy_image_size=None):
-    """A list of samples -> one padded batch with labels. `dummy_image_size` adds a fully masked
-    row with one blank image, so a text-only batch still runs the vision tower: under ZeRO-3 every
-    rank must gather the same parameters or the job hangs."""
+def encode(samples, processor, dummy_image=False):
+    """A list of samples -> one padded batch with labels (a dict of CPU tensors). `dummy_image` gives a
+    batch without images a tiny masked one (see with_dummy_image)."""
     rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
     images = [load_image(path, where) for _, paths, where in samples for path in paths]
-    texts = [text for text, _ in rendered]
-    if dummy_image_size and not images:
-        texts.append(processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False))
-        images.append(Image.new("RGB", (dummy_image_size, dummy_image_size)))
-        rendered.append((texts[-1], []))
     # right padding for training, per call: the tokenizer keeps the base model's side (left for batched generation)
-    batch = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    batch = processor(text=[text for text, _ in rendered], images=images or None, padding=True, padding_side="right",
+                      return_tensors="pt")
     labels = torch.full_like(batch["input_ids"], -100)
     for row, (text, spans) in enumerate(rendered):
         real = batch["attention_mask"][row].bool()
         labels[row, real] = torch.tensor(assistant_labels(text, spans, batch["input_ids"][row, real].tolist(), processor))
-    batch["labels"] = labels
+    batch = dict(batch, labels=labels)
+    return with_dummy_image(batch, processor) if dummy_image and not images else batch
+
+
+def with_dummy_image(batch, processor):
+    """Append one tiny black image's tokens to the last row, masked (attention 0, no labels), so that a
+    batch without images still runs the vision tower: under ZeRO-3 every rank must gather the same
+    parameters or the job hangs. The masked tokens change no loss; they cost a few positions."""
+    kwargs, image_processor = {}, processor.image_processor
+    if getattr(image_processor, "merge_size", None):  # Qwen-VL: a pixel budget; the smallest is one merged patch
+        kwargs["min_pixels"] = kwargs["max_pixels"] = (image_processor.patch_size * image_processor.merge_size) ** 2
+    with warnings.catch_warnings():  # transformers 5 would rather have size={...}, which this call does not honour
+        warnings.simplefilter("ignore", FutureWarning)
+        dummy = processor(text=[processor.image_token], images=[Image.new("RGB", (28, 28))], return_tensors="pt", **kwargs)
+    rows, width = batch["input_ids"].shape[0], dummy["input_ids"].shape[1]
+    fill = {"input_ids": processor.tokenizer.pad_token_id or 0, "attention_mask": 0, "labels": -100}
+    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+        if key not in batch:
+            continue
+        block = torch.full((rows, width), fill.get(key, 0), dtype=batch[key].dtype)
+        if key in ("input_ids", "mm_token_type_ids"):
+            block[-1] = dummy[key][0]
+        batch[key] = torch.cat([batch[key], block], dim=1)
+    batch.update({key: value for key, value in dummy.items() if key not in batch})  # pixel_values, image_grid_thw
     return batch
+
+
+# -----------------------------------------------------------------------------
+# batches: the samples of every micro-step are a pure function of it, so a resumed run sees what an
+# unbroken one would; encoding runs in DataLoader workers, ahead of the GPU
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(sample_count, seed, epoch):
+    return torch.randperm(sample_count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def train_indices(micro_step, rank, world_size, batch_size, sample_count, seed):
+    """The samples rank `rank` takes at global micro-step `micro_step`: each rank its own slice of
+    the step's samples, in an order shuffled once per epoch."""
+    first = (micro_step * world_size + rank) * batch_size
+    return [epoch_order(sample_count, seed, position // sample_count)[position % sample_count]
+            for position in range(first, first + batch_size)]
+
+
+def eval_indices(batch, batch_size, sample_count):
+    return range(batch * batch_size, min((batch + 1) * batch_size, sample_count))
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item i: the batch of samples indices(i), encoded. A data error inside a worker comes back as
+    {"error": line} for the training process to stop on (a worker's exit would be a traceback)."""
+
+    def __init__(self, samples, processor, indices, dummy_image):
+        self.samples, self.processor, self.indices, self.dummy_image = samples, processor, indices, dummy_image
+
+    def __getitem__(self, i):
+        try:
+            return encode([self.samples[j] for j in self.indices(i)], self.processor, self.dummy_image)
+        except SystemExit as e:  # fail(): one line, already worded for the user
+            return {"error": e.code}

@@ -146,13 +146,21 @@ def test_training_batches_pad_on_the_right_and_the_tokenizer_keeps_its_side(work
     assert processor.tokenizer.padding_side == "left"
 
 
-def test_text_only_batch_gets_a_masked_dummy_image_under_zero3(work):
-    processor = qwen_processor(work)
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what colour is the sky"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]
-    batch = vlm_data.encode([(messages, [], "text only")], processor, dummy_image_size=56)
-    assert batch["input_ids"].shape[0] == 2 and "pixel_values" in batch
-    assert (batch["labels"][1] == -100).all() and (batch["labels"][0] != -100).any()
+@pytest.mark.parametrize("arch", ["qwen", "llava"])
+def test_a_text_only_batch_gets_a_tiny_masked_image_that_changes_no_loss(work, arch):
+    from transformers import AutoModelForImageTextToText
+    processor = qwen_processor(work) if arch == "qwen" else llava_processor(work)
+    model = AutoModelForImageTextToText.from_pretrained(work[arch], dtype=torch.float32).eval()
+    question = {"role": "user", "content": [{"type": "text", "text": "what colour is the sky"}]}
+    text_only = [([question, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], [], answer)
+                 for answer in ("blue", "red green blue yellow")]
+    plain, dummy = vlm_data.encode(text_only, processor), vlm_data.encode(text_only, processor, dummy_image=True)
+    added = dummy["input_ids"].shape[1] - plain["input_ids"].shape[1]
+    assert "pixel_values" in dummy and added == (1 if arch == "qwen" else 4)  # Qwen: one merged patch, not min-pixels; LLaVA: fixed
+    assert dummy["attention_mask"][:, -added:].sum() == 0 and (dummy["labels"][:, -added:] == -100).all()
+    with torch.no_grad():
+        losses = [model(**batch, use_cache=False).loss for batch in (plain, dummy)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
 
 
 def test_long_samples_can_be_skipped_and_are_counted(work, capsys):
@@ -390,6 +398,33 @@ def lora_run(work):
             "--eval-data", work["val"]]
     train_ds.main([*args, "--output-dir", output_dir])
     return args, output_dir
+
+
+def test_every_label_token_weighs_the_same_across_micro_batches_and_in_eval(work, tmp_path, capsys):
+    # #12 bug 6: replies of 1 and 12 words; a step of two micro-batches of 1 must equal one batch of 2
+    # (its loss is the mean over the batch's label tokens), and so must the eval loss at batch sizes 1 and 2
+    records = [{"image": GOOD_IMAGE, "conversations": [{"from": "human", "value": "<image>\nwhat is it"},
+                                                      {"from": "gpt", "value": "red circle on the stage " * words}]}
+               for words in (1, 12, 3, 7)]
+    data = write_data(work["root"] / "demo", records, "uneven.json")
+    base = [*work["args"], "--data", data, "--eval-data", data, "--no-deepspeed", "--use-lora", "--lora-dropout", "0",
+            "--max-steps", "1", "--num-workers", "0"]
+    runs = {}
+    for name, flags in {"micro": ["--batch-size", "1", "--gradient-accumulation-steps", "2"], "batch": ["--batch-size", "2"]}.items():
+        train_ds.main([*base, *flags, "--output-dir", str(tmp_path / name)])
+        eval_loss = float(capsys.readouterr().out.split("eval loss ")[1].split()[0])
+        adapter = load_file(str(tmp_path / name / "checkpoint-1" / "adapter_model.safetensors"))
+        runs[name] = (read_log(str(tmp_path / name))[0]["loss"], eval_loss, adapter)
+    assert runs["micro"][0] == pytest.approx(runs["batch"][0], rel=1e-5)
+    assert runs["micro"][1] == pytest.approx(runs["batch"][1], abs=1e-4)  # printed with 4 decimals
+    for name, weight in runs["batch"][2].items():
+        torch.testing.assert_close(runs["micro"][2][name], weight, rtol=1e-4, atol=1e-6)
+
+
+def test_loader_workers_give_the_same_losses_as_none(lora_run, tmp_path):
+    args, output_dir = lora_run  # trained with the default --num-workers 2
+    train_ds.main([*args, "--num-workers", "0", "--output-dir", str(tmp_path / "no-workers")])
+    assert [e["loss"] for e in read_log(str(tmp_path / "no-workers"))] == [e["loss"] for e in read_log(output_dir)]
 
 
 def test_checkpoints_keep_the_base_models_padding_side(work, lora_run):
@@ -633,9 +668,15 @@ def test_deepspeed_config_keeps_the_users_precision_settings_and_warns_of_overla
     assert "overlap_comm" not in capsys.readouterr().out  # the shipped configs turn it off
 
 
-def test_deepspeed_zero2_two_processes_loss_falls(work, tmp_path):
+def test_deepspeed_zero2_two_processes_match_one_process(work, tmp_path):
+    # the same samples per step (2 ranks x 1, or 2 micro-batches x 1): the same losses, token-weighted
+    extra = ["--max-steps", "6", "--save-steps", "6", "--lora-dropout", "0"]
     output_dir = str(tmp_path / "zero2")
-    log = deepspeed_run(work, output_dir, ["--max-steps", "6", "--save-steps", "6"])
+    log = deepspeed_run(work, output_dir, extra)
+    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--batch-size", "1", "--gradient-accumulation-steps", "2",
+                   *extra, "--output-dir", str(tmp_path / "one")])
+    for key in ("loss", "grad_norm"):  # Adam hides a gradient scale; the norm does not
+        assert [e[key] for e in log] == pytest.approx([e[key] for e in read_log(str(tmp_path / "one"))], rel=1e-4), key
     losses = [entry["loss"] for entry in log]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     files = os.listdir(os.path.join(output_dir, "checkpoint-6"))
