@@ -427,6 +427,18 @@ def test_loader_workers_give_the_same_losses_as_none(lora_run, tmp_path):
     assert [e["loss"] for e in read_log(str(tmp_path / "no-workers"))] == [e["loss"] for e in read_log(output_dir)]
 
 
+def test_a_data_error_met_in_a_loader_worker_stops_with_its_one_line(work, tmp_path):
+    samples = vlm_data.read_samples(work["train"])
+    samples[0] = (samples[0][0], [str(tmp_path / "gone.png")], "record 0")  # deleted after validation
+    dataset = vlm_data.Batches(samples, qwen_processor(work), lambda i: [i], dummy_image=False)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[1, 0], num_workers=1))
+    assert train_ds.to_device(next(batches), torch.device("cpu"))["input_ids"].shape[0] == 1
+    with pytest.raises(SystemExit) as exit_info:
+        train_ds.to_device(next(batches), torch.device("cpu"))
+    assert_one_line_error((1, str(exit_info.value.code)), "error: record 0: image")
+    assert "gone.png not found" in str(exit_info.value.code)
+
+
 def test_checkpoints_keep_the_base_models_padding_side(work, lora_run):
     _, output_dir = lora_run
     base = json.load(open(os.path.join(work["qwen"], "tokenizer_config.json")))["padding_side"]
