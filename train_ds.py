@@ -563,8 +563,8 @@ def train(args, engine, data, device, start_step, max_steps):
 # -----------------------------------------------------------------------------
 # other jobs: --benchmark (training on synthetic samples, timed) and --merge-lora
 
-def benchmark_samples(args, samples_per_step):
-    count = samples_per_step * (args.max_steps if args.max_steps is not None else 10)
+def benchmark_samples(args):
+    count = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE * (args.max_steps or 10)
     with disk_write("the benchmark images", args.output_dir, then="free disk space and run again"):
         samples = synthetic_samples(os.path.join(args.output_dir, "synthetic-images"), count, args.benchmark_image_size,
                                     args.benchmark_text_words, args.seed, write_images=RANK == 0)
@@ -631,6 +631,33 @@ def merge_lora(args):
 
 # -----------------------------------------------------------------------------
 
+def load_data(args, zero3):
+    """The samples, checked and measured (each one's label tokens: the loss is normalised by them), the
+    processor, and --output-dir claimed: nothing is written there before the data passed its checks."""
+    train_samples = [] if args.benchmark else read_samples(args.data, args.image_folder)  # no processor needed: fast
+    eval_samples = read_samples(args.eval_data, args.image_folder) if args.eval_data else []
+    processor = load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
+    if not args.benchmark:
+        train_samples = measure_samples(args.data, train_samples, processor, args.max_length, args.skip_long, log)
+    if args.eval_data:
+        eval_samples = measure_samples(args.eval_data, eval_samples, processor, args.max_length, args.skip_long, log)
+    lock = claim_output_dir(args)  # held while we run; a DataLoader worker closes its copy
+    if args.benchmark:
+        train_samples = benchmark_samples(args)
+    # under ZeRO-3 a batch without images gets a tiny masked one: every rank must run the vision tower
+    return SimpleNamespace(train=train_samples, eval=eval_samples, processor=processor, dummy_image=zero3, lock=lock,
+                           label_tokens=[labelled(encode([sample], processor)) for sample in train_samples])
+
+
+def build_engine(args, dtype, device, ds_config, zero3):
+    """The model, wrapped in DeepSpeed or in our plain loop: the one place that differs."""
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- makes from_pretrained load ZeRO-3 partitioned
+    model = load_model(args, dtype, device, zero3)
+    return plain_engine(args, model, device, dtype) if ds_config is None else deepspeed_engine(args, model, ds_config)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.merge_lora:
@@ -640,38 +667,16 @@ def main(argv=None):
     ds_config = None if args.no_deepspeed else deepspeed_config(args, dtype)  # DeepSpeed or not: decided here, once
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     check_args(args, zero3)
-
-    # data first: a bad file or record should stop us before minutes of model loading
-    train_samples = [] if args.benchmark else read_samples(args.data, args.image_folder)
-    eval_samples = read_samples(args.eval_data, args.image_folder) if args.eval_data else []
     device = start_processes(ds_config)
     torch.manual_seed(args.seed)
-    processor = load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
-    if not args.benchmark:
-        train_samples = measure_samples(args.data, train_samples, processor, args.max_length, args.skip_long, log)
-    if args.eval_data:
-        eval_samples = measure_samples(args.eval_data, eval_samples, processor, args.max_length, args.skip_long, log)
-    output_lock = claim_output_dir(args)  # held while we run (data.lock); nothing was written before
+    data = load_data(args, zero3)
     samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
-    if args.benchmark:
-        train_samples = benchmark_samples(args, samples_per_step)
-    max_steps = args.max_steps if args.max_steps is not None else \
-        max(1, math.ceil(args.epochs * len(train_samples) / samples_per_step))
-    log(f"{len(train_samples)} training samples, {samples_per_step} per step, {max_steps} steps")
+    max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data.train) / samples_per_step))
+    log(f"{len(data.train)} training samples, {samples_per_step} per step, {max_steps} steps")
     if RANK == 0:
         log(vlm_start_line(args, WORLD_SIZE, device, ds_config))  # expected peak memory; warns if it will not fit
-    # under ZeRO-3 a batch without images gets a tiny masked one: every rank must run the vision tower
-    data = SimpleNamespace(train=train_samples, eval=eval_samples, processor=processor, dummy_image=zero3, lock=output_lock,
-                           label_tokens=[labelled(encode([sample], processor)) for sample in train_samples])
-
-    # model, and the engine that trains it
-    if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- makes from_pretrained load ZeRO-3 partitioned
-    model = load_model(args, dtype, device, zero3)
-    engine = plain_engine(args, model, device, dtype) if ds_config is None else deepspeed_engine(args, model, ds_config)
+    engine = build_engine(args, dtype, device, ds_config, zero3)
     start_step = resume_checkpoint(args, engine) if args.resume else 0
-
     timings = train(args, engine, data, device, start_step, max_steps)
     if args.benchmark:
         report_benchmark(args, timings, dtype, device)
