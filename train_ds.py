@@ -15,15 +15,22 @@ lists every flag.
 Labels: the loss is on the assistant's replies only, each with its end-of-turn token (the EOS
 token is appended where the template puts none, as LLaVA-1.5's: else the model never learns to
 stop). The replies are found by rendering the conversation turn by turn with the model's chat
-template, so any template that renders turns in order works. Long samples are never truncated (a cut could land
-inside an image's tokens): they stop the run, or --skip-long drops and counts them.
+template, so any template that renders turns in order works. The loss is the mean over every label
+token of the global batch (all micro-batches, all ranks), so short replies weigh no more than long
+ones. Long samples are never truncated (a cut could land inside an image's tokens): they stop the
+run, or --skip-long drops and counts them. The data check reads image sizes from the file headers
+and caches its result in --output-dir (vlm_data.py).
+
+What trains (vlm_model.py): the language model, fully or through LoRA; --train-projector,
+--train-vision and --vision-lora add the other parts, each with its own learning rate.
 
 DeepSpeed: batch size, accumulation, precision and clipping come from the flags and are written
 into the ZeRO config (which must hold no "auto"); the optimizer and schedule are ours (AdamW;
 DeepSpeed's CPU Adam under optimizer offload). overlap_comm is off in the shipped configs: it is
-known to give NaN or zero losses (a config that turns it on gets a warning). Under ZeRO-3 a batch without any image gets a fully masked blank
-image, so every rank runs the vision tower and none waits forever for the others; 4-bit weights
-need --bf16/--fp16 there (ZeRO-3 splits only floating-point storage: bnb_4bit_quant_storage).
+known to give NaN or zero losses (a config that turns it on gets a warning). Under ZeRO-3 a batch
+without any image gets a tiny masked image, so every rank runs the vision tower and none waits
+forever for the others; 4-bit weights need --bf16/--fp16 there (ZeRO-3 splits only floating-point
+storage: bnb_4bit_quant_storage).
 
 Checkpoints: out-vlm/checkpoint-N/ holds the adapter (or the full model), the processor,
 run_args.json, the optimizer (DeepSpeed's files under deepspeed/, sharded per rank, or
@@ -38,11 +45,11 @@ step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (test
 
 import argparse
 import functools
+import importlib.util
 import itertools
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import sys
@@ -54,7 +61,7 @@ if __name__ == "__main__":  # Ctrl-C during the slow imports below: one line, no
     signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 import hardware  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
@@ -62,10 +69,10 @@ from utils import (append_jsonl, atomic_torch_save, barrier, catch_stop_signals,
                    disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, resolve_dtype, stop_if_diverged,
                    temp_path, trim_jsonl)
 from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, save_checkpoint  # noqa: E402
-from vlm_data import (Batches, encode, eval_indices, first_line, load_processor, measure_samples, read_samples,  # noqa: E402
-                      synthetic_samples, train_indices)
+from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
+from vlm_data import (Batches, eval_indices, load_processor, measure_samples, measures_cache,  # noqa: E402
+                      read_samples, save_measures, synthetic_samples, train_indices)
 
-VISION_MODULES = ["visual", "vision_tower", "multi_modal_projector"]  # Qwen2-VL / LLaVA names; kept 16-bit, frozen
 # set by the launcher (deepspeed, torchrun); `python train_ds.py` alone is rank 0 of 1
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -88,9 +95,16 @@ def build_parser():
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-target-modules", default=None,
-                   help="comma-separated module names, in the language model only (default: all its linear layers)")
-    p.add_argument("--modules-to-save", default=None,
-                   help="comma-separated non-LoRA modules to train fully, e.g. multi_modal_projector")
+                   help="comma-separated linear layer names, in the language model only (default: all its linear layers)")
+    p.add_argument("--vision-lora", action="store_true", help="LoRA in the vision tower's linear layers too")
+    p.add_argument("--modules-to-save", default=None, help="comma-separated non-LoRA modules to train fully")
+    # what trains besides the language model (fully, or its LoRA), each with its own peak learning rate
+    p.add_argument("--train-projector", action="store_true", help="train the projector (Qwen's merger, LLaVA's multi_modal_projector)")
+    p.add_argument("--train-vision", action="store_true", help="train the vision tower (with LoRA, Qwen's merger too)")
+    p.add_argument("--projector-lr", type=float, default=None, help="(default: --learning-rate)")
+    p.add_argument("--vision-lr", type=float, default=None, help="for --train-vision or --vision-lora (default: --learning-rate)")
+    p.add_argument("--attn-implementation", choices=["sdpa", "flash_attention_2", "eager"], default=None,
+                   help="(default: flash_attention_2 where flash-attn is installed and the dtype is 16-bit on a GPU, else sdpa)")
     p.add_argument("--use-4bit", action="store_true", help="QLoRA: nf4 base weights (bitsandbytes), needs --use-lora")
     # optimisation
     p.add_argument("--batch-size", type=int, default=1, help="per GPU")
@@ -142,16 +156,19 @@ def parse_args(argv=None):
 RANGES = {  # every numeric flag's valid values; None (not given) passes
     "max_length": "[1, inf)", "num_workers": "[0, 64]", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
     "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
-    "learning_rate": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
+    "learning_rate": "[0, inf)", "projector_lr": "[0, inf)", "vision_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
     "epochs": "(0, inf)", "max_steps": "[1, inf)", "max_nonfinite_steps": "[1, inf)", "save_steps": "[1, inf)",
     "log_steps": "[1, inf)", "keep_last": "[1, inf)", "seed": "[0, 4294967296)", "benchmark_image_size": "[28, 8192]",
     "benchmark_text_words": "[1, inf)",
 }
 
 
-def check_args(args, zero3):
-    """Every setting alone and together, before anything slow: one line for the first that cannot work."""
+def check_args(args, zero3, dtype):
+    """Every setting alone and together, before anything slow: one line for the first that cannot work.
+    Picks the attention implementation when none is given."""
     check_ranges(vars(args), RANGES, flag=lambda name: "--" + name.replace("_", "-"))
+    check_parts(args)
+    check_attention(args, dtype)
     if args.no_deepspeed and WORLD_SIZE > 1:
         fail(f"--no-deepspeed runs one process, but the launcher started {WORLD_SIZE}: drop --no-deepspeed "
              "(DeepSpeed shares the work between them), or run python train_ds.py without a launcher")
@@ -174,6 +191,26 @@ def check_args(args, zero3):
         fail(f"--output-dir {args.output_dir} is a file, not a folder: choose another --output-dir")
     if not args.benchmark and checkpoint_steps(args.output_dir) and not args.resume:
         fail(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
+
+
+def check_parts(args):
+    needs = {"--vision-lora": (args.vision_lora, args.use_lora, "--use-lora"),
+             "--projector-lr": (args.projector_lr is not None, args.train_projector, "--train-projector"),
+             "--vision-lr": (args.vision_lr is not None, args.train_vision or args.vision_lora, "--train-vision or --vision-lora")}
+    for flag, (given, allowed, needed) in needs.items():
+        if given and not allowed:
+            fail(f"{flag} needs {needed}: without it nothing it applies to trains")
+    if args.train_vision and args.vision_lora:
+        fail("--train-vision trains the whole vision tower; --vision-lora adapters on a frozen one: choose one")
+
+
+def check_attention(args, dtype):
+    flash_ready = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available() and dtype != torch.float32
+    if args.attn_implementation is None:
+        args.attn_implementation = "flash_attention_2" if flash_ready else "sdpa"
+    elif args.attn_implementation == "flash_attention_2" and not flash_ready:
+        fail("--attn-implementation flash_attention_2 needs a GPU, a 16-bit dtype (--bf16/--fp16) and the flash-attn "
+             "package (pip install flash-attn --no-build-isolation): use sdpa instead")
 
 
 def choose_dtype(args):
@@ -240,101 +277,8 @@ def log(message):
 
 
 # -----------------------------------------------------------------------------
-# model: Auto classes, optional 4-bit, LoRA on the language model's linear layers
-
-def is_vision(name):
-    return any(part in VISION_MODULES for part in name.split("."))
-
-
-def in_language_model(leaf_names):
-    """A regex peft matches against full module names: these leaf names under the language model
-    only. The vision towers use the same names (q_proj, gate_proj, ...) and stay frozen."""
-    return rf".*language_model.*\.({'|'.join(re.escape(name) for name in sorted(leaf_names))})"
-
-
-def language_model_linear_layers(model):
-    """Every nn.Linear (bnb's 4-bit ones included) under the language model, not lm_head."""
-    return {name.split(".")[-1] for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and "language_model" in name and not is_vision(name)}
-
-
-def load_model(args, dtype, device, zero3):
-    from transformers import BitsAndBytesConfig
-    model_path = args.model
-    if args.random_init:  # save random weights once, then load them the normal way (4-bit needs from_pretrained)
-        model_path = os.path.join(args.output_dir, "random-init")
-        if RANK == 0 and not os.path.exists(model_path):
-            config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-            random_model = AutoModelForImageTextToText.from_config(config, trust_remote_code=args.trust_remote_code)
-            with disk_write("the random-init weights", args.output_dir, "free disk space and run again", partial=model_path):
-                random_model.save_pretrained(model_path)
-        barrier()
-    kwargs = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
-    if args.use_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype if zero3 else torch.uint8,  # ZeRO-3 partitions only float storage
-            llm_int8_skip_modules=[f"model.{name}" for name in VISION_MODULES] + ["lm_head"])
-        if not zero3:
-            kwargs["device_map"] = {"": device}
-    model = from_pretrained(model_path, **kwargs)
-    model.requires_grad_(not args.use_lora)
-    for name, param in model.named_parameters():
-        if is_vision(name):  # the vision tower stays frozen
-            param.requires_grad_(False)
-    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if args.use_4bit:
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing, **checkpointing)
-        for name, param in model.named_parameters():
-            if is_vision(name):  # it upcast everything to fp32; the frozen vision tower need not be
-                param.data = param.data.to(dtype)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(**checkpointing)
-        if args.use_lora:
-            model.enable_input_require_grads()  # else checkpointed blocks see no input needing grad
-    if args.use_lora:
-        model = add_lora(model, args)
-    parameter_count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: numel() is 0
-    log(f"{parameter_count(p for p in model.parameters() if p.requires_grad):,} trainable of "
-        f"{parameter_count(model.parameters()):,} parameters")
-    return model
-
-
-def from_pretrained(path, **kwargs):
-    try:
-        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except Exception as e:  # a missing file or package, a model type this transformers lacks, no memory: one line
-        fail(f"cannot load the model from {path}: {type(e).__name__}: {first_line(e)}")
-
-
-def add_lora(model, args):
-    from peft import LoraConfig, get_peft_model
-    targets = in_language_model(args.lora_target_modules.split(",") if args.lora_target_modules
-                                else language_model_linear_layers(model))
-    to_save = args.modules_to_save.split(",") if args.modules_to_save else None
-    names = [name for name, _ in model.named_modules()]
-    for wanted in to_save or []:  # peft ignores a name that matches nothing: the user would train less than asked
-        if not any(name == wanted or name.endswith("." + wanted) for name in names):
-            fail(f"--modules-to-save {wanted}: {args.model} has no module of that name")
-    try:
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=targets, modules_to_save=to_save)
-        return get_peft_model(model, config)
-    except ValueError as e:  # e.g. no module of that name, or one that is not a linear layer
-        given = f"--lora-target-modules {args.lora_target_modules}" if args.lora_target_modules else "the default LoRA targets"
-        fail(f"{given}: peft refused them ({str(e).splitlines()[0].rstrip('(')}); name linear layers of the "
-             "language model with --lora-target-modules, e.g. q_proj,v_proj")
-
-
-# -----------------------------------------------------------------------------
 # engine: DeepSpeed or plain PyTorch, chosen once in main(). Either one gives the loop and the
 # checkpoints the same operations: forward, backward(loss), clip, step(finite, grad_norm), save_state, load_state
-
-def param_groups(model, args):
-    """The optimizer's parameter groups, each with its own peak learning rate (the schedule scales them all)."""
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "peak_lr": args.learning_rate}]
-
 
 def deepspeed_engine(args, model, ds_config):
     """DeepSpeed scales each loss by 1/accumulation and steps at the boundary; ZeRO (stages 1-3)
@@ -421,15 +365,15 @@ def loader(samples, indices, order, data, args, device):
                                        sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                        prefetch_factor=4 if args.num_workers else None,
                                        generator=torch.Generator().manual_seed(args.seed),
-                                       worker_init_fn=functools.partial(start_worker, data.lock))
+                                       worker_init_fn=functools.partial(start_worker, data.lock and data.lock.fileno()))
 
 
-def start_worker(lock, worker_id):
+def start_worker(lock_fd, worker_id):
     """A worker is forked with our open files. Its copy of --output-dir's lock is closed, so the kernel
     frees the lock when we die (kill -9 included), not seconds later when orphaned workers notice. Its
     stderr goes quiet: its errors reach us through the DataLoader, and an orphan's are noise."""
-    if lock is not None:
-        lock.close()
+    if lock_fd is not None:
+        os.close(lock_fd)  # a worker ends with os._exit: its copy of the file object never closes it again
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 2)
 
@@ -631,22 +575,37 @@ def merge_lora(args):
 
 # -----------------------------------------------------------------------------
 
+def checked_samples(args, path, samples, processor):
+    """A data file's samples that fit, each one's label-token count, and its measures with their cache
+    file in --output-dir (a resume does not measure again)."""
+    cache_file = measures_cache(args.output_dir, path, model=args.model, image_folder=args.image_folder,
+                                min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    return (*measure_samples(path, samples, processor, args.max_length, args.skip_long, log, cache_file), cache_file)
+
+
 def load_data(args, zero3):
-    """The samples, checked and measured (each one's label tokens: the loss is normalised by them), the
-    processor, and --output-dir claimed: nothing is written there before the data passed its checks."""
-    train_samples = [] if args.benchmark else read_samples(args.data, args.image_folder)  # no processor needed: fast
-    eval_samples = read_samples(args.eval_data, args.image_folder) if args.eval_data else []
+    """The training and eval samples, checked, and the processor; then --output-dir is claimed:
+    nothing is written there before the data passed its checks."""
+    files = {"train": None if args.benchmark else args.data, "eval": args.eval_data}
+    samples = {kind: read_samples(path, args.image_folder) for kind, path in files.items() if path}  # fast: first
     processor = load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
-    if not args.benchmark:
-        train_samples = measure_samples(args.data, train_samples, processor, args.max_length, args.skip_long, log)
-    if args.eval_data:
-        eval_samples = measure_samples(args.eval_data, eval_samples, processor, args.max_length, args.skip_long, log)
-    lock = claim_output_dir(args)  # held while we run; a DataLoader worker closes its copy
+    checked = {kind: checked_samples(args, files[kind], samples[kind], processor) for kind in samples}
+    lock = claim_output_dir(args)  # held while we run (a DataLoader worker closes its copy)
+    measures = [(measures, cache_file) for _, _, measures, cache_file in checked.values()]
     if args.benchmark:
-        train_samples = benchmark_samples(args)
-    # under ZeRO-3 a batch without images gets a tiny masked one: every rank must run the vision tower
-    return SimpleNamespace(train=train_samples, eval=eval_samples, processor=processor, dummy_image=zero3, lock=lock,
-                           label_tokens=[labelled(encode([sample], processor)) for sample in train_samples])
+        synthetic = benchmark_samples(args)
+        checked["train"] = (synthetic, measure_samples("the benchmark", synthetic, processor, math.inf, False, log)[1])
+    # the loss is normalised by the label tokens; under ZeRO-3 a batch without images gets a tiny masked one
+    return SimpleNamespace(train=checked["train"][0], label_tokens=checked["train"][1], processor=processor,
+                           eval=checked["eval"][0] if "eval" in checked else [], dummy_image=zero3, lock=lock,
+                           measures=measures)
+
+
+def save_data_measures(args, data):
+    """Into --output-dir once the run is set up: one that fails before leaves no cache behind."""
+    for measures, cache_file in data.measures if RANK == 0 else ():
+        with disk_write("the data measures", args.output_dir, then="free disk space and run again"):
+            save_measures(cache_file, measures)
 
 
 def build_engine(args, dtype, device, ds_config, zero3):
@@ -666,7 +625,7 @@ def main(argv=None):
     dtype = choose_dtype(args)
     ds_config = None if args.no_deepspeed else deepspeed_config(args, dtype)  # DeepSpeed or not: decided here, once
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    check_args(args, zero3)
+    check_args(args, zero3, dtype)
     device = start_processes(ds_config)
     torch.manual_seed(args.seed)
     data = load_data(args, zero3)
@@ -677,7 +636,10 @@ def main(argv=None):
         log(vlm_start_line(args, WORLD_SIZE, device, ds_config))  # expected peak memory; warns if it will not fit
     engine = build_engine(args, dtype, device, ds_config, zero3)
     start_step = resume_checkpoint(args, engine) if args.resume else 0
+    save_data_measures(args, data)
     timings = train(args, engine, data, device, start_step, max_steps)
+    if data.lock:  # free --output-dir now, not when the garbage is collected: another run may follow in this process
+        data.lock.close()
     if args.benchmark:
         report_benchmark(args, timings, dtype, device)
 

@@ -79,11 +79,12 @@ def save_checkpoint(step, engine, processor, args):
         with saving():
             os.makedirs(tmp)
     barrier()
-    trainable = gathered_state_dict(engine.model, trainable_only=True)
-    full = None if args.use_lora else gathered_state_dict(engine.model, trainable_only=False)
+    # one gather: a full fine-tune saves every weight, and the trainable ones are among them
+    weights = gathered_state_dict(engine.model, trainable_only=args.use_lora)
+    trainable = {name: weights[name] for name, param in engine.model.named_parameters() if param.requires_grad}
     with saving():
         if RANK == 0:  # LoRA: adapter_model.safetensors + adapter_config.json (modules_to_save included)
-            engine.model.save_pretrained(tmp, state_dict=trainable if args.use_lora else full)
+            engine.model.save_pretrained(tmp, state_dict=weights)
             processor.save_pretrained(tmp)
             with open(os.path.join(tmp, "run_args.json"), "w") as f:
                 json.dump(vars(args), f, indent=2)

@@ -8,15 +8,18 @@ where an image goes. Every record is checked before any training starts, and a b
 run with one line naming the file and the record. A sample is (messages, image paths, where).
 """
 import functools
+import hashlib
 import json
 import os
+import sys
 import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
+import transformers
 from transformers import AutoProcessor
 
-from utils import fail
+from utils import atomic_write_text, fail
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -105,10 +108,11 @@ def to_messages(record, where, image_folder):
     return messages, [os.path.join(image_folder, name) for name in images]
 
 
-def load_image(path, where):
+def load_image(path, where, decode=True):
+    """The image in RGB; with decode=False only its (height, width), read from the header (fast)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert("RGB") if decode else (image.height, image.width)
     except FileNotFoundError:
         fail(f"{where}: image {path} not found (check --image-folder)")
     except Image.DecompressionBombError as e:  # not an OSError
@@ -128,29 +132,97 @@ def read_samples(path, image_folder=None):
     return samples
 
 
-def measure_samples(path, samples, processor, max_length, skip_long, log=print):
-    """Encode every sample once: its images open, it fits max_length, it has a reply to learn.
-    Returns the samples kept (skip_long drops the long ones and says how many through log)."""
-    kept, too_long = [], 0
-    for sample in samples:
-        where = sample[2]
-        batch = encode([sample], processor)
-        length = batch["input_ids"].shape[1]
+def measure_samples(path, samples, processor, max_length, skip_long, log=print, cache_file=None):
+    """Check that every sample fits max_length and has a reply to learn from. Returns the samples kept
+    (skip_long drops the long ones and says how many through log), each one's label-token count, and
+    every sample's [length, label tokens] for save_measures. Read from cache_file when it exists."""
+    measures = read_measures(cache_file, len(samples)) or measure_on_all_ranks(samples, processor)
+    kept, label_tokens, too_long = [], [], 0
+    for sample, (length, labels) in zip(samples, measures):
         if length > max_length:  # never truncate: a cut could land inside an image's tokens
             if not skip_long:
-                fail(f"{where}: {length} tokens (image tokens included) is longer than --max-length "
+                fail(f"{sample[2]}: {length} tokens (image tokens included) is longer than --max-length "
                      f"{max_length}; raise it, lower --max-pixels, or pass --skip-long")
             too_long += 1
-            continue
-        if (batch["labels"] == -100).all():  # its loss would be 0/0
-            fail(f"{where}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
+        elif labels == 0:  # its loss would be 0/0
+            fail(f"{sample[2]}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
                  "or remove the record")
-        kept.append(sample)
+        else:
+            kept.append(sample)
+            label_tokens.append(labels)
     if too_long:
         log(f"skipped {too_long} sample(s) of {path} longer than --max-length {max_length}")
     if not kept:
         fail(f"{path}: no samples left to train on")
-    return kept
+    return kept, label_tokens, measures
+
+
+def measure_on_all_ranks(samples, processor):
+    """Each rank measures every world_size-th sample; every rank gets all of them. A rank that meets a
+    bad record says so on all: rank 0 measures that rank's share again, fails with its line, the rest exit."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    try:
+        mine = measure(samples[rank::world_size], processor)
+    except SystemExit:  # fail(): worded on rank 0 only
+        mine = None
+    shares = [mine]
+    if world_size > 1:
+        shares = [None] * world_size
+        torch.distributed.all_gather_object(shares, mine)
+    for failed, share in enumerate(shares):
+        if share is None:
+            if rank == 0:
+                measure(samples[failed::world_size], processor)
+            sys.exit(1)
+    measures = [None] * len(samples)
+    for r, share in enumerate(shares):
+        measures[r::world_size] = share
+    return measures
+
+
+def measure(samples, processor):
+    """[length in tokens, label tokens] of each sample, without decoding an image: its token count
+    comes from the header's size through the processor's own arithmetic (min/max pixels included)."""
+    sizes = [[load_image(path, where, decode=False) for path in paths] for _, paths, where in samples]
+    try:
+        flat = [size for sample_sizes in sizes for size in sample_sizes]
+        image_tokens = iter(processor._get_num_multimodal_tokens(image_sizes=flat).num_image_tokens if flat else [])
+    except (AttributeError, NotImplementedError, TypeError):  # a processor without that arithmetic: encode
+        return [[len(batch["input_ids"][0]), int((batch["labels"] != -100).sum())]
+                for batch in (encode([sample], processor) for sample in samples)]
+    rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
+    encoded = processor.tokenizer([text for text, _ in rendered], return_offsets_mapping=True)
+    image_id, measures = image_token_id_of(processor), []
+    for (_, spans), ids, offsets, sample_sizes in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], sizes):
+        labels = sum(token != image_id and any(a <= start < b for a, b in spans) for token, (start, _) in zip(ids, offsets))
+        expanded = sum(next(image_tokens) for _ in sample_sizes) - ids.count(image_id)  # placeholder -> its tokens
+        measures.append([len(ids) + expanded, labels])
+    return measures
+
+
+def measures_cache(output_dir, data_path, **settings):
+    """Where the measures of data_path live: named by everything they depend on, the data file's size and
+    modification time included, so a changed file (or model, or pixel budget) is measured again."""
+    info = os.stat(data_path)
+    key = dict(settings, data=os.path.abspath(data_path), size=info.st_size, mtime_ns=info.st_mtime_ns,
+               transformers=transformers.__version__)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(output_dir, "data-cache", f"{os.path.basename(data_path)}-{digest}.json")
+
+
+def read_measures(cache_file, count):
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            measures = json.load(f)
+        return measures if isinstance(measures, list) and len(measures) == count else None
+    except (TypeError, OSError, ValueError):  # none given, none yet, or unreadable: measure again
+        return None
+
+
+def save_measures(cache_file, measures):
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    atomic_write_text(cache_file, json.dumps(measures))
 
 
 def synthetic_samples(folder, count, size, words, seed, write_images=True):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import train_ds
 import vlm_checkpoint
 import vlm_data
+import vlm_model
 from conftest import (REPO, assert_one_line_error, command, free_port, kill_one_torchrun_worker, read_log,
                       run_script, start_script, wait_for)
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
@@ -169,9 +170,54 @@ def test_long_samples_can_be_skipped_and_are_counted(work, capsys):
                {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}]
     path = write_data(work["root"] / "demo", records, "long.json")
     args = train_ds.parse_args([*work["args"], "--max-length", "60", "--skip-long"])
-    samples = vlm_data.measure_samples(path, vlm_data.read_samples(path), processor, args.max_length, args.skip_long)
+    samples = vlm_data.measure_samples(path, vlm_data.read_samples(path), processor, args.max_length, args.skip_long)[0]
     assert [where for _, _, where in samples] == [f"{path} record 1"]
     assert f"skipped 1 sample(s) of {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["qwen", "llava"])
+def test_measuring_from_image_headers_gives_the_full_encodings_lengths_and_labels(work, tmp_path, arch):
+    from PIL import Image
+    for name, size in {"wide.png": (150, 40), "tall.jpg": (30, 200), "big.png": (400, 300)}.items():
+        Image.new("RGB", size, "red").save(tmp_path / name)
+    turn = lambda role, text: {"from": role, "value": text}
+    records = [{"conversations": [turn("human", "hi"), turn("gpt", "red circle")]},  # no image
+               {"image": "wide.png", "conversations": [turn("human", "<image>\nwhat is it"), turn("gpt", "a star")]},
+               {"image": ["tall.jpg", "big.png"], "conversations": [turn("human", "<image> and <image>"), turn("gpt", "two"),
+                                                                    turn("human", "colour?"), turn("gpt", "red and red")]},
+               {"images": ["big.png"], "messages": [{"role": "system", "content": "be brief"},
+                                                    {"role": "user", "content": "<image>say"}, {"role": "assistant", "content": "hello"}]}]
+    samples = vlm_data.read_samples(write_data(tmp_path, records, "mixed.json"))
+    processor = qwen_processor(work) if arch == "qwen" else llava_processor(work)
+    full = [vlm_data.encode([sample], processor) for sample in samples]
+    assert vlm_data.measure(samples, processor) == [[batch["input_ids"].shape[1], int((batch["labels"] != -100).sum())]
+                                                    for batch in full]
+
+
+def test_a_bad_record_found_by_another_rank_stops_every_rank_with_one_line(work, tmp_path):
+    records = json.load(open(work["train"]))[:4]
+    records[3]["image"] = "images/nope.png"  # rank 1 of 2 measures records 1 and 3
+    data = write_data(work["root"] / "demo", records, "rank1-bad.json")
+    result = run_script("train_ds.py", *work["args"], "--data", data, "--use-lora", "--output-dir", tmp_path / "out",
+                        torchrun=2, env={"OMP_NUM_THREADS": "1"}, timeout=180)
+    assert result.returncode != 0 and 'train_ds.py", line' not in result.stderr, result.stderr[-2000:]  # torchrun's own
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {data} record 3") and "nope.png not found" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_measures_are_cached_until_the_data_file_changes(work, tmp_path, monkeypatch):
+    args = [*work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    train_ds.main(args)
+    assert len(os.listdir(tmp_path / "out" / "data-cache")) == 1
+
+    def no_measuring(*_):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(vlm_data, "measure", no_measuring)
+    train_ds.main([*args, "--resume", "--max-steps", "2"])  # the cache: nothing measured
+    os.utime(work["train"], ns=(time.time_ns(), time.time_ns()))  # the file changed (its mtime): measured again
+    with pytest.raises(AssertionError, match="measured again"):
+        train_ds.main([*args, "--resume", "--max-steps", "3"])
 
 
 # -----------------------------------------------------------------------------
@@ -321,6 +367,13 @@ BAD_FLAGS = [  # (flags added to a good command line, exit code, what the one er
     (["--lora-r", "two"], 1, "argument --lora-r: invalid int value: 'two'"),
     (["--lora-target-modules", "q_proj"], 1, "--lora-target-modules needs --use-lora"),
     (["--modules-to-save", "lm_head"], 1, "--modules-to-save needs --use-lora"),
+    (["--vision-lora"], 1, "--vision-lora needs --use-lora"),
+    (["--projector-lr", "1e-5"], 1, "--projector-lr needs --train-projector"),
+    (["--vision-lr", "1e-5", "--use-lora"], 1, "--vision-lr needs --train-vision or --vision-lora"),
+    (["--train-vision", "--vision-lora", "--use-lora"], 1, "choose one"),
+    (["--projector-lr", "-1", "--train-projector"], 1, "--projector-lr must be in [0, inf)"),
+    (["--attn-implementation", "flash_attention_2"], 1, "flash_attention_2 needs a GPU, a 16-bit dtype"),
+    (["--attn-implementation", "magic"], 1, "invalid choice"),
     (["--output-dir", "{tmp}/a-file"], 1, "is a file, not a folder"),
     (["--data", "{tmp}/folder.json"], 1, "is a folder"),
     (["--data", "{tmp}/latin1.jsonl"], 1, "latin1.jsonl is not UTF-8 text"),
@@ -353,8 +406,9 @@ def test_bad_flags_stop_with_one_line_before_anything_is_written(work, tmp_path,
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--lora-target-modules", "no_such_layer"], "--lora-target-modules no_such_layer: peft refused them"),
-    (["--lora-target-modules", "visual"], "--lora-target-modules visual: peft refused them"),  # not a linear layer
+    (["--lora-target-modules", "no_such_layer"], "--lora-target-modules no_such_layer: no linear layer of that name"),
+    (["--lora-target-modules", "visual"], "--lora-target-modules visual: no linear layer of that name"),  # a tower
+    (["--lora-target-modules", "qkv"], "no linear layer of that name in the language model"),  # a vision layer's name
     (["--modules-to-save", "no_such_module"], "--modules-to-save no_such_module: "),  # peft would ignore it
 ])
 def test_lora_settings_peft_cannot_apply_are_one_line(work, tmp_path, extra, expected):
@@ -555,9 +609,14 @@ def test_merge_keeps_the_base_models_dtype(work, lora_run, tmp_path):
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
 
 
-def test_full_finetune_checkpoint_keeps_the_base_config(work, tmp_path):
-    output_dir = str(tmp_path / "full")
+def test_full_finetune_checkpoint_keeps_the_base_config_and_its_vision_side(work, tmp_path, monkeypatch):
+    output_dir, gathers = str(tmp_path / "full"), []
+    gather = vlm_checkpoint.gathered_state_dict
+    monkeypatch.setattr(vlm_checkpoint, "gathered_state_dict", lambda *a, **k: gathers.append(1) or gather(*a, **k))
     train_ds.main([*work["args"], "--no-deepspeed", "--max-steps", "1", "--output-dir", output_dir])
+    assert len(gathers) == 1  # the weights are gathered once per save (ZeRO-3 gathers cost a full model each)
+    base, model = (load_file(os.path.join(folder, "model.safetensors")) for folder in (work["qwen"], output_dir + "/checkpoint-1"))
+    assert changed(base, model, "language") and not changed(base, model, "vision") and not changed(base, model, "projector")
     base = json.load(open(os.path.join(work["qwen"], "config.json")))
     saved = json.load(open(os.path.join(output_dir, "checkpoint-1", "config.json")))
     assert saved.get("use_cache") == base.get("use_cache")  # the KV cache is off in training only
@@ -576,6 +635,34 @@ def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
                    "--output-dir", output_dir])
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in read_log(output_dir))
     assert load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
+
+
+def changed(before, after, part):
+    """Did any weight of this part (vlm_model.part_of) change? Names compared after peft's prefixes."""
+    def saved_as_base(name):  # an adapter's name -> the base checkpoint's (which keeps visual.* at the top)
+        name = name.replace("base_model.model.", "").replace("modules_to_save.default.", "")
+        return name.removeprefix("model.") if name.startswith("model.visual.") else name
+    after = {saved_as_base(name): tensor for name, tensor in after.items() if "lora_" not in name}
+    common = [name for name in after if name in before and vlm_model.part_of(name) == part]
+    assert common, part
+    return any(not torch.equal(before[name], after[name]) for name in common)
+
+
+def test_the_projector_and_vision_tower_train_only_when_asked_each_at_its_own_rate(work, tmp_path):
+    base = load_file(os.path.join(work["qwen"], "model.safetensors"))
+    common = [*work["args"], "--no-deepspeed", "--max-steps", "2", "--attn-implementation", "eager"]
+    lora_dir, full_dir = str(tmp_path / "lora"), str(tmp_path / "full")
+    train_ds.main([*common, "--use-lora", "--train-projector", "--vision-lora", "--output-dir", lora_dir])
+    adapter = load_file(os.path.join(lora_dir, "checkpoint-2", "adapter_model.safetensors"))
+    assert changed(base, adapter, "projector")  # a full copy of the merger trained and saved in the adapter
+    assert any("visual.blocks" in name and "lora_A" in name for name in adapter)  # vision LoRA, asked for
+    assert not any("merger" in name and "lora_" in name for name in adapter)
+    with open(os.path.join(lora_dir, "checkpoint-2", "run_args.json")) as f:
+        assert json.load(f)["attn_implementation"] == "eager"
+    train_ds.main([*common, "--train-projector", "--projector-lr", "0", "--train-vision", "--output-dir", full_dir])
+    model = load_file(os.path.join(full_dir, "checkpoint-2", "model.safetensors"))
+    assert changed(base, model, "vision") and changed(base, model, "language")
+    assert not changed(base, model, "projector")  # trainable, at a peak learning rate of 0
 
 
 def test_llava_trains_on_messages_format_with_projector_saved(work, tmp_path):
