@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -248,20 +247,24 @@ def synthetic_samples(folder, count, size, words, seed, write_images=True):
 
 def load_processor(model, trust_remote_code, min_pixels, max_pixels):
     """The model's own processor (tokenizer, image processor, chat template), as the model ships it:
-    it is saved into every checkpoint, so its padding side stays the base model's (encode pads right per call)."""
-    kwargs = dict(trust_remote_code=trust_remote_code, min_pixels=min_pixels, max_pixels=max_pixels)
+    it is saved into every checkpoint, so its padding side stays the base model's (encode pads right per call).
+    A Qwen-VL image processor gets the pixel budget (LLaVA's resizes to a fixed size)."""
     try:
         try:
-            processor = AutoProcessor.from_pretrained(model, **kwargs)
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
         except (ImportError, OSError) as e:  # a stock Qwen-VL processor also builds a video processor: that
             # needs torchvision, and a processor saved without one has no video config
             if not any(cause in str(e).lower() for cause in ("torchvision", "video processor")):
                 raise
-            processor = without_video(processor_class_of(model, trust_remote_code)).from_pretrained(model, **kwargs)
+            processor = without_video(processor_class_of(model, trust_remote_code)).from_pretrained(
+                model, trust_remote_code=trust_remote_code)
     except Exception as e:  # a missing file, a bad config, a missing package: one line, whatever transformers raised
         fail(f"cannot load a processor from {model}: {type(e).__name__}: {first_line(e)}")
     if not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
         fail(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
+    if getattr(processor.image_processor, "merge_size", None) and min_pixels and max_pixels:
+        size = processor.image_processor.size  # the form transformers 5 asks for (min/max_pixels are deprecated)
+        processor.image_processor.size = type(size)(shortest_edge=min_pixels, longest_edge=max_pixels)
     return processor
 
 
@@ -365,10 +368,9 @@ def with_dummy_image(batch, processor):
     parameters or the job hangs. The masked tokens change no loss; they cost a few positions."""
     kwargs, image_processor = {}, processor.image_processor
     if getattr(image_processor, "merge_size", None):  # Qwen-VL: a pixel budget; the smallest is one merged patch
-        kwargs["min_pixels"] = kwargs["max_pixels"] = (image_processor.patch_size * image_processor.merge_size) ** 2
-    with warnings.catch_warnings():  # transformers 5 would rather have size={...}, which this call does not honour
-        warnings.simplefilter("ignore", FutureWarning)
-        dummy = processor(text=[processor.image_token], images=[Image.new("RGB", (28, 28))], return_tensors="pt", **kwargs)
+        side = image_processor.patch_size * image_processor.merge_size
+        kwargs["size"] = {"shortest_edge": side * side, "longest_edge": side * side}
+    dummy = processor(text=[processor.image_token], images=[Image.new("RGB", (28, 28))], return_tensors="pt", **kwargs)
     rows, width = batch["input_ids"].shape[0], dummy["input_ids"].shape[1]
     fill = {"input_ids": processor.tokenizer.pad_token_id or 0, "attention_mask": 0, "labels": -100}
     for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
