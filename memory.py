@@ -189,7 +189,12 @@ def vlm_params(arch):
     return dict(linears=linears, lm_linear=sum(a * b for a, b in linears), lm_bias=qkv_biases,
                 lm_other=vocab_by_hidden + qkv_biases + norms,  # embeddings, biases, norms
                 lm_head=0 if arch["tie_word_embeddings"] else vocab_by_hidden,
-                vision=patch_embed + vision["depth"] * vision_block + merger)
+                vision=patch_embed + vision["depth"] * vision_block + merger,
+                # tensor by tensor, for a part that trains (AdamW keeps a step count per tensor)
+                merger=[embed, embed, merged * merged, merged, merged * hidden, hidden],
+                tower=[patch_embed] + [embed, embed, embed, embed, 3 * embed * embed, 3 * embed, embed * embed, embed,
+                                       embed * mlp, mlp, mlp * embed, embed] * vision["depth"],
+                vision_linears=[(embed, 3 * embed), (embed, embed), (embed, mlp), (mlp, embed)] * vision["depth"])
 
 
 def zero_settings(ds_config):
@@ -203,27 +208,33 @@ def zero_settings(ds_config):
 
 
 def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_lora, lora_r, lora_dropout,
-               use_4bit, gradient_checkpointing, weight_bytes):
+               use_4bit, gradient_checkpointing, weight_bytes, train_projector=False, train_vision=False,
+               vision_lora=False):
     """Per-GPU bytes at the peak of a train_ds.py step, by component. zero: zero_settings's dict, or
-    None without DeepSpeed; weight_bytes: 2 for bf16/fp16 (the default on GPUs), 4 for --fp32."""
+    None without DeepSpeed; weight_bytes: 2 for bf16/fp16 (the default on GPUs), 4 for --fp32. The
+    activations are the language model's: a vision tower that trains adds its own, not counted."""
     params = vlm_params(arch)
     text, vision = arch["text"], arch["vision"]
     hidden, intermediate, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     wide = weight_bytes
-    # trainable tensors: LoRA's A and B per linear, or (full finetune) every LM tensor; the vision tower stays frozen
+    # trainable tensors: LoRA's A and B per linear, or (full finetune) every LM tensor; the vision side
+    # as the flags say (under LoRA a fully trained part is peft's copy: the frozen original stays)
+    whole = (params["merger"] if train_projector else []) + (params["tower"] if train_vision else [])
     if use_lora:
-        trainable = [lora_r * n for a, b in params["linears"] for n in (a, b)]
+        lora_linears = params["linears"] + (params["vision_linears"] if vision_lora else [])
+        trainable = [lora_r * n for a, b in lora_linears for n in (a, b)] + whole
     else:
-        trainable = [n for n in (params["lm_linear"], params["lm_other"], params["lm_head"]) if n]
+        trainable = [n for n in (params["lm_linear"], params["lm_other"], params["lm_head"]) if n] + whole
     n_trainable = sum(trainable)
+    frozen_vision = params["vision"] - (0 if use_lora else sum(whole))
     if use_4bit:  # nf4 LM linears; prepare_model_for_kbit_training upcasts the rest of the LM to fp32,
         # but bitsandbytes casts the 4-bit layers' biases back to the compute dtype in their first forward
-        frozen = sum(nf4_bytes(a * b) for a, b in params["linears"]) + wide * (params["vision"] + params["lm_bias"])
+        frozen = sum(nf4_bytes(a * b) for a, b in params["linears"]) + wide * (frozen_vision + params["lm_bias"])
         frozen += (wide if zero is not None else 4) * (params["lm_other"] - params["lm_bias"] + params["lm_head"])
     elif use_lora:
-        frozen = wide * (params["lm_linear"] + params["lm_other"] + params["lm_head"] + params["vision"])
+        frozen = wide * (params["lm_linear"] + params["lm_other"] + params["lm_head"] + frozen_vision)
     else:
-        frozen = wide * params["vision"]
+        frozen = wide * frozen_vision
     if zero is None:  # train_ds.py keeps trainable weights in fp32, the optimizer runs on the GPU
         weights, grads, optimizer, buffers = frozen + 4 * n_trainable, 4 * n_trainable, adamw_bytes(trainable), 0
     else:  # DeepSpeed: 16-bit weights and gradients, fp32 master weights + moments in the optimizer
@@ -282,6 +293,7 @@ def vlm_step(args):
     flags = args if isinstance(args, dict) else vars(args)
     step = {k: flags[k] for k in ("batch_size", "max_length", "max_pixels", "use_lora", "lora_r", "lora_dropout",
                                   "use_4bit", "gradient_checkpointing")}
+    step.update({k: flags.get(k, False) for k in ("train_projector", "train_vision", "vision_lora")})
     return dict(step, weight_bytes=4 if flags["fp32"] else 2)
 
 

@@ -106,20 +106,25 @@ def quant_state_tensors(state):
             yield from quant_state_tensors(value)
 
 
-def vlm_step_and_compare(model, arch, use_4bit):
+def vlm_step_and_compare(model, arch, use_4bit, **flags):
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:  # train_ds.py without DeepSpeed: fp32 trainable weights
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     ids = torch.randint(0, 280, (1, 12))
+    image = {}
+    if flags:  # the vision side trains: one 56x56 image (4x4 patches, 4 tokens after the 2x2 merge) runs it
+        ids[0, 2:6] = model.config.image_token_id
+        image = dict(pixel_values=torch.randn(16, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                     mm_token_type_ids=(ids == model.config.image_token_id).int())
     model.train()  # as train_ds.py trains (from_pretrained returns a model in eval mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **image).loss
     one_step(model, optimizer, loss)
 
     predicted = memory.vlm_memory(arch, world_size=1, zero=None, batch_size=1, max_length=12, max_pixels=200704,
                                   use_lora=True, lora_r=4, lora_dropout=0.05, use_4bit=use_4bit,
-                                  gradient_checkpointing=False, weight_bytes=2)
+                                  gradient_checkpointing=False, weight_bytes=2, **flags)
     # 4-bit weights keep their scales in a quant_state beside them; bitsandbytes sometimes shares the
     # small code tables between tensors (by process history), so those are counted per weight
     quant_states = {id(m.weight): m.weight.quant_state for m in model.modules()
@@ -136,7 +141,8 @@ def test_vlm_parameter_groups_match_qwen2_vl():
     model = Qwen2VLForConditionalGeneration(config)
     counts = memory.vlm_params(memory.vlm_arch("tiny", config.to_dict()))
     vision = sum(p.numel() for n, p in model.named_parameters() if is_vision(n))
-    assert counts["vision"] == vision
+    assert counts["vision"] == vision == sum(counts["merger"]) + sum(counts["tower"])
+    assert sorted(counts["merger"]) == sorted(p.numel() for n, p in model.named_parameters() if ".merger." in n)
     assert counts["lm_linear"] + counts["lm_other"] + counts["lm_head"] == sum(p.numel() for p in model.parameters()) - vision
 
 
@@ -148,6 +154,20 @@ def test_vlm_lora_bytes_match_real_tensors():
     model.requires_grad_(False)
     model = add_lora(model, r=4)
     vlm_step_and_compare(model, memory.vlm_arch("tiny", config.to_dict()), use_4bit=False)
+
+
+def test_vlm_bytes_match_real_tensors_when_the_projector_and_vision_lora_train():
+    import train_ds
+    import vlm_model
+    from transformers import Qwen2VLForConditionalGeneration
+    config = tiny_qwen2_vl_config()
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    args = train_ds.parse_args(["--use-lora", "--lora-r", "4", "--train-projector", "--vision-lora"])
+    model = vlm_model.add_lora(model, args)  # train_ds.py's own: peft's copy of the merger trains, LoRA in the tower
+    vlm_step_and_compare(model, memory.vlm_arch("tiny", config.to_dict()), use_4bit=False, train_projector=True,
+                         vision_lora=True)
 
 
 def test_vlm_qlora_bytes_match_real_tensors(tmp_path):
