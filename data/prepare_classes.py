@@ -1,0 +1,171 @@
+"""
+One dataset per class, for generative classifiers: a GPT-2 is finetuned on each class's documents,
+and classify.py sends a document to the class whose model (times its prior) likes it best.
+
+$ python data/prepare_classes.py imdb                    # a Hugging Face dataset by name
+$ python data/prepare_classes.py ag_news
+$ python data/prepare_classes.py my.csv --text review --label stars --name reviews   # or .jsonl, .parquet
+$ python data/prepare_classes.py saved_folder/           # a dataset saved with save_to_disk
+
+Writes, under data/<name>/ (or --out-dir):
+  <label>/train.bin, <label>/val.bin   GPT-2 BPE (uint16), each document followed by <|endoftext|>;
+                                       val is the last --val-fraction of the class's training documents
+  test.jsonl                           {"text", "label"} per test document
+  labels.json                          the class names, their folders, training counts and priors
+The test split is the dataset's own "test" split, else the last --test-fraction of a shuffle of
+the training documents (seeded). Text and label columns are detected (text/sentence/content/review,
+label/labels/class/category/sentiment) or given. Tokenisation runs on every core.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "sentiment")
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+def load_splits(source, test_fraction, seed):
+    """{"train": Dataset, "test": Dataset} from a hub name, a save_to_disk folder or a local file."""
+    import datasets
+    files = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    extension = os.path.splitext(source)[1].lower()
+    try:
+        if os.path.isdir(source):
+            loaded = datasets.load_from_disk(source)
+        elif os.path.isfile(source):
+            if extension not in files:
+                fail(f"{source}: a local file must be .csv, .jsonl, .json or .parquet")
+            loaded = datasets.load_dataset(files[extension], data_files=source)
+        else:
+            loaded = datasets.load_dataset(source)
+    except SystemExit:
+        raise
+    except Exception as e:  # no such dataset, no network, an unreadable file: one line
+        fail(f"cannot load {source} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict(train=loaded)
+    if "train" not in loaded:
+        fail(f"{source} has no 'train' split (it has {', '.join(loaded)})")
+    if "test" in loaded:
+        return {"train": loaded["train"], "test": loaded["test"]}
+    split = loaded["train"].train_test_split(test_size=test_fraction, seed=seed)
+    return {"train": split["train"], "test": split["test"]}
+
+
+def pick_column(dataset, given, candidates, what, flag):
+    if given is not None:
+        if given not in dataset.column_names:
+            fail(f"{flag} {given}: no such column (the columns are {', '.join(dataset.column_names)})")
+        return given
+    for name in candidates:
+        if name in dataset.column_names:
+            return name
+    fail(f"no {what} column found among {', '.join(dataset.column_names)}: name it with {flag}")
+
+
+def label_names(dataset, column, given):
+    """The classes in order: --labels, else the dataset's ClassLabel names, else the sorted values."""
+    feature = dataset.features[column]
+    if given:
+        return given.split(",")
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    return sorted({str(value) for value in dataset[column]})
+
+
+def to_names(values, feature, names, where):
+    """Label values (ClassLabel ints or strings) -> class names, each checked against the list."""
+    result = []
+    for row, value in enumerate(values):
+        name = feature.names[value] if hasattr(feature, "names") and isinstance(value, int) else str(value)
+        if name not in names:
+            fail(f"{where} row {row}: label {name!r} is not one of the classes ({', '.join(names)}): "
+                 "fix the row or pass --labels")
+        result.append(name)
+    return result
+
+
+def folder_name(label):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "class"
+
+
+def encode(documents, threads):
+    """GPT-2 BPE tokens of the documents, each followed by <|endoftext|>, in chunks with a progress bar."""
+    import tiktoken
+    from tqdm import tqdm
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = []
+    chunk = 1000
+    for start in tqdm(range(0, len(documents), chunk), desc="tokenising", unit="k docs", leave=False):
+        for ids in enc.encode_ordinary_batch(documents[start:start + chunk], num_threads=threads):
+            tokens += ids + [enc.eot_token]
+    return np.array(tokens, dtype=np.uint16)
+
+
+def write_class(folder, documents, val_fraction, threads):
+    """train.bin and val.bin of one class: val is its last documents, whole (never a cut document)."""
+    os.makedirs(folder, exist_ok=True)
+    n_val = max(1, int(len(documents) * val_fraction))
+    for split, docs in (("train", documents[:-n_val] or documents), ("val", documents[-n_val:])):
+        encode(docs, threads).tofile(os.path.join(folder, f"{split}.bin"))
+
+
+def prepare(source, out_dir, text=None, label=None, labels=None, val_fraction=0.05, test_fraction=0.1, seed=1337,
+            threads=os.cpu_count()):
+    splits = load_splits(source, test_fraction, seed)
+    train = splits["train"]
+    text = pick_column(train, text, TEXT_COLUMNS, "text", "--text")
+    label = pick_column(train, label, LABEL_COLUMNS, "label", "--label")
+    names = label_names(train, label, labels)
+    feature = train.features[label]
+    by_class = {name: [] for name in names}
+    for document, name in zip(train[text], to_names(train[label], feature, names, f"{source} train")):
+        by_class[name].append(str(document))
+    for name, documents in by_class.items():
+        if len(documents) < 2:  # one for train, one for val at least
+            fail(f"class {name!r} has {len(documents)} training document(s): it needs at least 2 (check --labels)")
+    folders = [folder_name(name) for name in names]
+    if len(set(folders)) < len(folders):
+        fail(f"the class names {names} give clashing folder names {folders}: rename the labels")
+    for name, folder in zip(names, folders):
+        print(f"{name}: {len(by_class[name]):,} training documents -> {os.path.join(out_dir, folder)}")
+        write_class(os.path.join(out_dir, folder), by_class[name], val_fraction, threads)
+    test = splits["test"]
+    test_names = to_names(test[label], test.features[label], names, f"{source} test")
+    with open(os.path.join(out_dir, "test.jsonl"), "w", encoding="utf-8") as f:
+        for document, name in zip(test[text], test_names):
+            f.write(json.dumps({"text": str(document), "label": name}) + "\n")
+    counts = [len(by_class[name]) for name in names]
+    with open(os.path.join(out_dir, "labels.json"), "w", encoding="utf-8") as f:
+        json.dump({"names": names, "folders": folders, "train_counts": counts,
+                   "priors": [count / sum(counts) for count in counts]}, f, indent=2)
+    print(f"{len(test_names):,} test documents -> {os.path.join(out_dir, 'test.jsonl')}; classes in labels.json")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a Hugging Face dataset name, a save_to_disk folder, or a .csv/.jsonl/.parquet file")
+    parser.add_argument("--name", help="writes data/<name>/ (default: the source's name)")
+    parser.add_argument("--out-dir", help="write here instead of data/<name>/")
+    parser.add_argument("--text", help="the text column (default: detected)")
+    parser.add_argument("--label", help="the label column (default: detected)")
+    parser.add_argument("--labels", help="comma-separated class names, in order (default: the dataset's)")
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="when the dataset has no test split")
+    parser.add_argument("--seed", type=int, default=1337)
+    args = parser.parse_args()
+    for flag, value in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
+        if not 0 < value < 1:
+            fail(f"{flag} must be in (0, 1), not {value}")
+    name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0].replace("/", "_")
+    prepare(args.source, args.out_dir or os.path.join(DATA_DIR, name), args.text, args.label, args.labels,
+            args.val_fraction, args.test_fraction, args.seed)
