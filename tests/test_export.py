@@ -1,0 +1,48 @@
+"""export.py: a train.py checkpoint -> a Hugging Face GPT2LMHeadModel folder that gives our logits."""
+import os
+
+import pytest
+import torch
+
+from conftest import run_inline
+from model import GPT, GPTConfig
+
+
+def write_checkpoint(folder, vocab_size, dataset, bias):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, bias=bias, dropout=0.0))
+    with torch.no_grad():  # non-zero biases and norms, so that a wrong layout shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1 if name.endswith("ln_1.weight") else 0))
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": dict(n_layer=2, n_head=2, n_embd=32, block_size=16,
+                                                                  vocab_size=vocab_size, bias=bias, dropout=0.0),
+                "config": {"dataset": dataset}}, os.path.join(folder, "ckpt.pt"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_path, bias):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    ours = write_checkpoint(tmp_path / "run", 50304, str(tmp_path / "no-such-dataset"), bias)
+    assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
+    folder = str(tmp_path / "run-hf")
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(idx)[0][..., :50257]  # the padded rows are cut back to GPT-2's vocabulary
+        torch.testing.assert_close(hf(idx).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(GPT.from_pretrained(folder).eval()(idx)[0], expected, atol=1e-4, rtol=0)
+    import tiktoken
+    text = "Hello world! Ça va? 1234  spaces\n\tand <tabs> — dashes, naïve cafés."
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+
+
+def test_a_char_level_model_exports_weights_and_says_it_has_no_tokenizer(tmp_path, char_data):
+    write_checkpoint(tmp_path / "run", 65, char_data, bias=False)
+    code, message = run_inline("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}")
+    assert code == 0
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}") == \
+        (1, f"error: {tmp_path / 'hf'} already exists: pass another --export_dir")
