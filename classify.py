@@ -26,6 +26,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import utils
 from configurator import ConfigError, configure
@@ -110,7 +111,7 @@ def log_likelihoods(model, docs, enc):
     items = [(i, *w) for i, d in enumerate(docs)
              for w in windows([enc.eot_token] + enc.encode_ordinary(d) + [enc.eot_token], model.config.block_size, step)]
     totals = torch.zeros(len(docs), dtype=torch.float64)
-    for first in range(0, len(items), batch_size):
+    for first in tqdm(range(0, len(items), batch_size), desc="windows", unit="batch", leave=False):
         batch = items[first:first + batch_size]
         width = max(len(x) for _, x, _, _ in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
