@@ -43,6 +43,7 @@ DOCS_RUNS = [  # (title, plan.py's arguments) for the tables of docs/PLANNING.md
     ("GPT-2 124M pretraining", "config/gpt2_124m_multi_gpu.py --gpus=8"),
     ("GPT-2 medium finetune", "config/finetune_gpt2_medium.py --gpus=1"),
     ("GPT-2 XL finetune", "config/finetune_shakespeare.py --gpus=1"),
+    ("GPT-2 small class model for classify.py (IMDB, AG News)", "config/classify_imdb.py --gpus=1"),
     ("Qwen2-VL-2B QLoRA, 448x448 image + text, 512 tokens",
      "--vlm --use-4bit --use-lora --batch-size 1 --gradient-accumulation-steps 8 --max-length 512 --max-pixels 200704 "
      "--max-steps 1000 --gpus 1"),
@@ -50,7 +51,7 @@ DOCS_RUNS = [  # (title, plan.py's arguments) for the tables of docs/PLANNING.md
      "--vlm --use-lora --batch-size 1 --gradient-accumulation-steps 8 --max-length 512 --max-pixels 200704 "
      "--max-steps 1000 --gpus 1"),
 ]
-DOCS_GPUS = ["RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5060 Ti", "RTX 5070", "RTX 5080",
+DOCS_GPUS = ["T4", "V100", "RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5060 Ti", "RTX 5070", "RTX 5080",
              "RTX 5090", "A6000", "L4", "A100 40GB", "A100 80GB", "H100", "H200"]
 PLAN_RANGES = {"gpus": "[1, inf)", "price": "[0, inf)", "mfu": "(0, 1]"}  # plan's own options
 
@@ -301,7 +302,8 @@ def best_fit(run, gpu, count, mfu, price):
                 seconds = run["total_samples"](count) / samples_per_s
                 cost = seconds / 3600 * count * (price if price is not None else default_price)
                 return dict(fits=True, flags=run["flags"](micro, per_gpu // micro, count, setup), peak=sum(memory.values()),
-                            need=need, tokens_per_s=samples_per_s * run["tokens_per_sample"], seconds=seconds, cost=cost)
+                            need=need, tokens_per_s=samples_per_s * run["tokens_per_sample"], seconds=seconds, cost=cost,
+                            side_by_side=int(memory_gib * GiB // need))  # such runs at once per GPU (one class model each)
     return dict(fits=False)
 
 
@@ -317,15 +319,16 @@ def human_time(seconds):
 
 
 def table(rows):
-    """Markdown rows from (GPU, count, best_fit's dict): fits, micro-batch + flags, peak, tokens/s, time, cost."""
-    lines = ["| GPU | GPUs | fits | flags | peak GiB (tensors / needed) | tokens/s | time | cost |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown rows from (GPU, count, best_fit's dict): fits, micro-batch + flags, peak, how many such runs fit
+    on each GPU at once (e.g. one class model each, classify.py's workflow), tokens/s, time, cost."""
+    lines = ["| GPU | GPUs | fits | flags | peak GiB (tensors / needed) | runs side by side | tokens/s | time | cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for gpu, count, row in rows:
         if not row["fits"]:
-            lines.append(f"| {gpu} | {count} | no | - | - | - | - | - |")
+            lines.append(f"| {gpu} | {count} | no | - | - | - | - | - | - |")
             continue
         lines.append(f"| {gpu} | {count} | yes | `{row['flags']}` | {row['peak'] / GiB:.1f} / {row['need'] / GiB:.1f} "
-                     f"| {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} | {dollars(row['cost'])} |")
+                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} | {dollars(row['cost'])} |")
     return "\n".join(lines)
 
 
