@@ -94,3 +94,18 @@ def test_class_models_beat_the_baselines(corpus, tmp_path):
     assert gpt > bayes or gpt == 1.0, result.stdout  # word counts cannot tell verse from reversed verse; word order can
     predictions = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(predictions) == 90 and set(predictions[0]["scores"]) == {"esrev", "numbers", "verse"}
+
+
+def test_long_documents_are_scored_in_windows_that_predict_every_token_once():
+    # classify.py reads its settings when imported: take the function alone from its source
+    source = open(os.path.join(REPO, "classify.py")).read()
+    namespace = {}
+    exec(source[source.index("def windows("):source.index("@torch.no_grad()")], namespace)
+    tokens = list(range(100))
+    for block_size, step in ((16, 8), (16, 16), (32, 5), (200, 100)):
+        scored = []
+        for inputs, targets, skip in namespace["windows"](tokens, block_size, step):
+            assert len(inputs) == len(targets) <= block_size and targets == [t + 1 for t in inputs]
+            assert skip == 0 or skip >= block_size - step  # after the first window: at least that much context
+            scored += targets[skip:]
+        assert scored == tokens[1:]  # every next-token prediction once, in order
