@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 import utils
 from configurator import ConfigError, configure
-from model import GPT
 
 # -----------------------------------------------------------------------------
 models = ''  # comma-separated out_dirs of train.py, one class model each
@@ -81,13 +80,7 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 def load_class_model(out_dir):
     """The model of one class and the class it was trained on (its dataset's last folder)."""
     path = os.path.join(out_dir, checkpoint_name)
-    if not os.path.isfile(path):
-        utils.fail(f"no checkpoint at {path}: train that class first (see the header of classify.py)")
-    checkpoint = utils.load_checkpoint(path, ('model', 'model_args'), mmap=True)
-    try:
-        model = GPT.from_checkpoint(checkpoint)
-    except ValueError as e:
-        utils.fail(f"{path}: {e}")
+    model, checkpoint = utils.load_gpt(path, "train that class first (see the header of classify.py)")
     dataset = os.path.basename(os.path.normpath(str(checkpoint.get('config', {}).get('dataset', ''))))
     if dataset not in classes['folders']:
         utils.fail(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")

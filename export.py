@@ -22,7 +22,6 @@ import torch
 
 import utils
 from configurator import ConfigError, configure
-from model import GPT
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the train.py run to export
@@ -104,14 +103,8 @@ def write_tokenizer(folder):
 
 if __name__ == '__main__':
     from transformers import GPT2Config, GPT2LMHeadModel
-    path = os.path.join(out_dir, checkpoint_name)
-    if not os.path.isfile(path):
-        utils.fail(f"no checkpoint at {path}: train one first, or set --out_dir / --checkpoint_name")
-    checkpoint = utils.load_checkpoint(path, ('model', 'model_args'), mmap=True)
-    try:
-        model = GPT.from_checkpoint(checkpoint)
-    except ValueError as e:
-        utils.fail(f"{path}: {e}")
+    model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
+                                       "train one first, or set --out_dir / --checkpoint_name")
     dataset = checkpoint.get('config', {}).get('dataset')
     char_level = isinstance(dataset, str) and os.path.exists(os.path.join('data', dataset, 'meta.pkl'))
     args = model.config

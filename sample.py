@@ -64,15 +64,8 @@ ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device
 # model
 meta_path = None
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, checkpoint_name)
-    if not os.path.isfile(ckpt_path):
-        utils.fail(f"no checkpoint at {ckpt_path}: train one first, or set --out_dir / --init_from=gpt2")
-    # on the CPU and memory-mapped: the optimizer state in it is never read into memory
-    checkpoint = utils.load_checkpoint(ckpt_path, ('model', 'model_args'), mmap=True)
-    try:
-        model = GPT.from_checkpoint(checkpoint)
-    except ValueError as e:
-        utils.fail(f"{ckpt_path}: {e}")
+    model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
+                                       "train one first, or set --out_dir / --init_from=gpt2")
     run_config = checkpoint.get('config')
     dataset = run_config.get('dataset') if isinstance(run_config, dict) else None
     if isinstance(dataset, str):  # older checkpoints might not have it

@@ -448,6 +448,19 @@ def load_checkpoint(path, required, hint="", mmap=False):
     return checkpoint
 
 
+def load_gpt(path, hint):
+    """The GPT in a train.py checkpoint, and the checkpoint: read onto the CPU memory-mapped, so its
+    optimizer state is never read. One line (ending in hint: what to do) when there is none."""
+    from model import GPT
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at {path}: {hint}")
+    checkpoint = load_checkpoint(path, ('model', 'model_args'), mmap=True)
+    try:
+        return GPT.from_checkpoint(checkpoint), checkpoint
+    except ValueError as e:
+        fail(f"{path}: {e}")
+
+
 # -----------------------------------------------------------------------------
 # dataset metadata
 
