@@ -11,6 +11,8 @@ them), in block_size windows that overlap by block_size - stride tokens, so ever
 predicted once and, after the first window, with that much context. Prints accuracy, macro-F1
 and the confusion matrix, beside two baselines on the same test split: the majority class and a
 multinomial naive Bayes on word counts of the same training documents; writes predictions.jsonl.
+LoRA class models (train.py --lora_rank=8 ...) on one base share it: the base is loaded once, and
+each class adds only its adapter.
 """
 import signal
 import sys
@@ -77,10 +79,11 @@ dtype = utils.resolve_dtype(dtype, device_type)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def load_class_model(out_dir):
-    """The model of one class and the class it was trained on (its dataset's last folder)."""
+def load_class_model(out_dir, previous):
+    """The model of one class and the class it was trained on (its dataset's last folder). LoRA class
+    models on the same base share the previous one's base: only their adapters are added."""
     path = os.path.join(out_dir, checkpoint_name)
-    model, checkpoint = utils.load_gpt(path, "train that class first (see the header of classify.py)")
+    model, checkpoint = utils.load_gpt(path, "train that class first (see the header of classify.py)", reuse=previous)
     dataset = os.path.basename(os.path.normpath(str(checkpoint.get('config', {}).get('dataset', ''))))
     if dataset not in classes['folders']:
         utils.fail(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")
@@ -162,14 +165,16 @@ if __name__ == '__main__':
     scores = torch.zeros(len(texts), len(classes['names']), dtype=torch.float64)
     seen = set()
     started = time.time()
+    model = None
     for out_dir in model_dirs:
-        model, c = load_class_model(out_dir)  # one model in memory at a time
+        model, c = load_class_model(out_dir, model)  # model: the previous LoRA one, else None
         if c in seen:
             utils.fail(f"two models for class {classes['names'][c]}: give one per class")
         seen.add(c)
         print(f"scoring {len(texts):,} documents under {out_dir} (class {classes['names'][c]})")
         scores[:, c] = log_likelihoods(model, texts, enc) + math.log(classes['priors'][c])
-        del model
+        if model.lora is None:
+            model = None  # one whole model in memory at a time
     if len(seen) < len(classes['names']):
         missing = [classes['names'][c] for c in range(len(classes['names'])) if c not in seen]
         utils.fail(f"no model for class(es) {missing}: give one per class in --models")

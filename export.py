@@ -1,6 +1,7 @@
 """
 Export a train.py checkpoint as a Hugging Face GPT2LMHeadModel folder: config.json,
-model.safetensors and, for GPT-2 BPE models, GPT-2's tokenizer files.
+model.safetensors and, for GPT-2 BPE models, GPT-2's tokenizer files. A LoRA run's adapter is
+merged into its base model's weights.
 
 $ python export.py --out_dir=out-imdb/pos                  # -> out-imdb/pos-hf
 $ python export.py --out_dir=out-imdb/pos --export_dir=my-model
@@ -20,6 +21,7 @@ import os
 
 import torch
 
+import gpt_lora
 import utils
 from configurator import ConfigError, configure
 
@@ -105,6 +107,8 @@ if __name__ == '__main__':
     from transformers import GPT2Config, GPT2LMHeadModel
     model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
                                        "train one first, or set --out_dir / --checkpoint_name")
+    if model.lora is not None:
+        gpt_lora.merge(model)  # the adapter folded into the weights it adapts
     dataset = checkpoint.get('config', {}).get('dataset')
     char_level = isinstance(dataset, str) and os.path.exists(os.path.join('data', dataset, 'meta.pkl'))
     args = model.config

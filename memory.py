@@ -83,17 +83,37 @@ def gpt_params(shape):
     return [(shape["vocab_size"] * width, True), (shape["block_size"] * width, False)] + block * shape["n_layer"] + norm
 
 
-def gpt_flops_per_token(shape):
-    """Training FLOPs per token, as model.GPT.flops_per_token: 6N (non-embedding N) + attention."""
+def gpt_flops_per_token(shape, lora=False):
+    """Training FLOPs per token, as model.GPT.flops_per_token: 6N (non-embedding N) + attention; 4N
+    under LoRA (no weight gradients for the frozen weights)."""
     n = sum(numel for numel, _ in gpt_params(shape)) - shape["block_size"] * shape["n_embd"]
-    return 6 * n + 12 * shape["n_layer"] * shape["n_embd"] * shape["block_size"]
+    return (4 if lora else 6) * n + 12 * shape["n_layer"] * shape["n_embd"] * shape["block_size"]
 
 
-def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activation_checkpointing=False, dropout=0.0):
-    """Per-GPU bytes at the peak of a train.py step (DDP over world_size GPUs), by component."""
+# the Linears LoRA can adapt (gpt_lora.TARGETS), as (in, out) features in units of n_embd
+GPT_LINEARS = {"c_attn": [(1, 3)], "c_proj": [(1, 1), (4, 1)], "c_fc": [(1, 4)]}
+
+
+def gpt_lora_params(shape, rank, targets):
+    """LoRA's tensors (numels): A (rank x in) and B (out x rank) for each adapted Linear of each block."""
+    width = shape["n_embd"]
+    return [rank * width * n for t in targets for a, b in GPT_LINEARS[t] for n in (a, b)] * shape["n_layer"]
+
+
+def gpt_lora_settings(config):
+    """gpt_memory's LoRA arguments from train.py's settings."""
+    return config["lora_rank"], config["lora_targets"].split(","), config["lora_dropout"]
+
+
+def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activation_checkpointing=False, dropout=0.0,
+               lora_rank=0, lora_targets=tuple(GPT_LINEARS), lora_dropout=0.0):
+    """Per-GPU bytes at the peak of a train.py step (DDP over world_size GPUs), by component. With
+    lora_rank > 0 the GPT's weights are frozen: only the adapters get gradients and optimizer state."""
     params = gpt_params(shape)
     numels = [n for n, _ in params]
     n_params = sum(numels)
+    lora = gpt_lora_params(shape, lora_rank, lora_targets) if lora_rank else []
+    trained = lora or numels
     width, layers = shape["n_embd"], shape["n_layer"]
     tokens = batch_size * shape["block_size"]
     act = 4 if dtype == "float32" else 2  # autocast's matmul outputs; LayerNorm inputs stay fp32 (the residual)
@@ -102,17 +122,24 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
     # c_attn and c_fc, q/k/v, attention output + logsumexp, the MLP's 4C hidden before and after GELU
     per_block = (2 * 4 * width + 16 + act * (width + 3 * width + width + width + 4 * width + 4 * width)
                  + 4 * shape["n_head"] + dropout_masks)
+    if lora:  # a frozen Linear keeps no input for its weight gradient; an adapter keeps it for A's, and
+        # A's rank-wide output for B's, and with dropout the bool mask of its input
+        inputs = {t: [width * a for a, _ in GPT_LINEARS[t]] for t in GPT_LINEARS}
+        adapted = [n for t in lora_targets for n in inputs[t]]
+        per_block -= act * sum(n for t in GPT_LINEARS if t not in lora_targets for n in inputs[t])
+        per_block += len(adapted) * act * lora_rank + (sum(adapted) if lora_dropout > 0 else 0)
     if activation_checkpointing:
         activations = tokens * (layers * 4 * width + per_block)  # block inputs, and one block recomputed in backward
     else:
         activations = tokens * layers * per_block
     activations += tokens * (4 * width + 8 + act * width)  # ln_f input and lm_head's 16-bit input
     return {
-        "weights": 4 * n_params,
-        "gradients": 4 * n_params,
-        "DDP buckets": 4 * n_params if world_size > 1 else 0,  # DDP reduces a flat copy of the gradients
-        "optimizer": adamw8bit_bytes(numels) if optimizer == "adamw8bit" else adamw_bytes(numels),
-        "16-bit weight copies": 0 if act == 4 else 2 * sum(n for n, matmul in params if matmul),
+        "weights": 4 * (n_params + sum(lora)),
+        "gradients": 4 * sum(trained),
+        "DDP buckets": 4 * sum(trained) if world_size > 1 else 0,  # DDP reduces a flat copy of the gradients
+        "optimizer": adamw8bit_bytes(trained) if optimizer == "adamw8bit" else adamw_bytes(trained),
+        # autocast's copies of the matmul weights, kept for backward (frozen ones too: for input gradients)
+        "16-bit weight copies": 0 if act == 4 else 2 * (sum(n for n, matmul in params if matmul) + sum(lora)),
         "activations": activations,
         # logits in the autocast dtype, and in backward three float32 (B,T,V) buffers: log_softmax's
         # output, its incoming gradient and the gradient it returns
@@ -323,7 +350,7 @@ def gpt_start_line(config, world_size, device, model_args=None):
     shape = gpt_shape(config, model_args)
     dtype = utils.resolve_dtype("auto", str(device).split(":")[0]) if config["dtype"] == "auto" else config["dtype"]
     memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],
-                        config["activation_checkpointing"], config["dropout"])
+                        config["activation_checkpointing"], config["dropout"], *gpt_lora_settings(config))
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * shape["block_size"]
     hint = "try --activation_checkpointing=True, --optimizer=adamw8bit or a smaller --batch_size"
     return start_line(memory, world_size, device, f"{tokens_per_iter:,} tokens/iter", hint)

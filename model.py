@@ -101,6 +101,8 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
+        self.pretrained_from = None  # the GPT-2 name or folder its weights came from
+        self.lora = None  # the active LoRA adapter's settings (gpt_lora.py)
         self.activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% slower
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -173,6 +175,8 @@ class GPT(nn.Module):
                 or not all(isinstance(args.get(k), int) and args[k] > 0 for k in sizes) \
                 or args["n_embd"] % args["n_head"]:
             raise ValueError("it holds no GPT: 'model_args' or 'model' is missing or malformed")
+        if checkpoint.get("lora") is not None:
+            raise ValueError("it holds LoRA adapters, not a whole GPT: load it with gpt_lora.from_checkpoint")
         model = cls(GPTConfig(**dict(args, dropout=dropout)))
         try:
             model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
@@ -204,6 +208,7 @@ class GPT(nn.Module):
             raise ValueError(f"cannot load its weights ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
         model = GPT(GPTConfig(**config_args))
         model.load_hf_state_dict(hf_state)
+        model.pretrained_from = os.path.abspath(name_or_path) if is_folder else name_or_path
         return model
 
     @staticmethod
@@ -259,10 +264,11 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls plus attention's, as in the PaLM paper (App. B)."""
+        """Training FLOPs per token: 6N for the matmuls plus attention's, as in the PaLM paper (App. B);
+        4N under LoRA, whose frozen weights get no weight gradients."""
         cfg = self.config
         head_size = cfg.n_embd // cfg.n_head
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
+        return (6 if self.lora is None else 4) * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt):
         """Model FLOPs utilization: achieved FLOP/s over the bf16 peak of the GPU we run on.

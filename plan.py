@@ -28,7 +28,7 @@ import sys
 
 import hardware
 import utils
-from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_memory, gpt_params, gpt_shape,
+from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_lora_settings, gpt_memory, gpt_params, gpt_shape,
                     needed_bytes, vlm_arch, vlm_flops_per_sample, vlm_memory, vlm_params, vlm_step,
                     zero_settings)
 
@@ -44,6 +44,7 @@ DOCS_RUNS = [  # (title, plan.py's arguments) for the tables of docs/PLANNING.md
     ("GPT-2 medium finetune", "config/finetune_gpt2_medium.py --gpus=1"),
     ("GPT-2 XL finetune", "config/finetune_shakespeare.py --gpus=1"),
     ("GPT-2 small class model for classify.py (IMDB, AG News)", "config/classify_imdb.py --gpus=1"),
+    ("GPT-2 medium LoRA class model for classify.py", "config/classify_imdb.py config/lora_gpt2_medium.py --gpus=1"),
     ("Qwen2-VL-2B QLoRA, 448x448 image + text, 512 tokens",
      "--vlm --use-4bit --use-lora --batch-size 1 --gradient-accumulation-steps 8 --max-length 512 --max-pixels 200704 "
      "--max-steps 1000 --gpus 1"),
@@ -159,22 +160,25 @@ def gpt_run(config):
     sequences = config["batch_size"] * config["gradient_accumulation_steps"]  # per iteration, all GPUs
     tokens_per_iter = sequences * config["block_size"]
     n_params = sum(n for n, _ in gpt_params(shape))
+    flops_per_token = gpt_flops_per_token(shape, lora=config["lora_rank"] > 0)
+    lora = f", LoRA rank {config['lora_rank']} on {config['lora_targets']}" if config["lora_rank"] else ""
 
     def memory(micro_batch, count, settings):
         run = dict(config, **settings)
-        return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"], run["dropout"])
+        return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"], run["dropout"],
+                          *gpt_lora_settings(run))
 
     def flops_per_sample(settings):
-        checkpointing = dict(config, **settings)["activation_checkpointing"]  # recomputes the forward: 4/3
-        return gpt_flops_per_token(shape) * (4 / 3 if checkpointing else 1) * config["block_size"]
+        checkpointing = dict(config, **settings)["activation_checkpointing"]  # one more forward: 2N on 6N (4N: LoRA)
+        return flops_per_token * ((1.5 if config["lora_rank"] else 4 / 3) if checkpointing else 1) * config["block_size"]
 
     def where(world):
         return f"batch_size={config['batch_size']} per GPU, {f'{world} GPUs with DDP' if world > 1 else '1 GPU'}, {dtype}"
     about = (f"model: {config['init_from']} with n_layer={shape['n_layer']} n_head={shape['n_head']} n_embd={shape['n_embd']} "
              f"vocab={shape['vocab_size']} block={config['block_size']}: {n_params / 1e6:.1f}M parameters, "
-             f"{gpt_flops_per_token(shape) / 1e9:.2f} GFLOP per token (training)\n"
+             f"{flops_per_token / 1e9:.2f} GFLOP per token (training)\n"
              f"run: {tokens_per_iter:,} tokens/iter x {config['max_iters']:,} iters = {tokens_per_iter * config['max_iters']:,} "
-             f"tokens; optimizer {config['optimizer']}, activation_checkpointing={config['activation_checkpointing']}")
+             f"tokens; optimizer {config['optimizer']}, activation_checkpointing={config['activation_checkpointing']}{lora}")
     return dict(
         kind="gpt", about=about, batch_size=config["batch_size"], settings={}, where=where, memory=memory,
         setups=lambda count: [(flags, s) for flags, s in GPT_SETUPS if all(config[k] != v for k, v in s.items())],
@@ -183,7 +187,7 @@ def gpt_run(config):
             f"--batch_size={micro} --gradient_accumulation_steps={accumulation * count} {setup}".strip(),
         flops_per_sample=flops_per_sample, total_samples=lambda count: sequences * config["max_iters"],
         tokens_per_sample=config["block_size"],
-        time_note="time = FLOPs / (GPUs x dense bf16 peak x MFU), 4/3 more FLOPs with checkpointing")
+        time_note="time = FLOPs / (GPUs x dense bf16 peak x MFU), 4/3 more FLOPs with checkpointing (3/2 under LoRA)")
 
 
 def vlm_run(args):

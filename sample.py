@@ -98,7 +98,7 @@ if meta_path is not None and os.path.exists(meta_path):
 
     def decode(ids):
         return ''.join(itos[i] for i in ids)
-    vocab_limit, stop_token = None, None
+    vocab_limit, stop_token = meta['vocab_size'], None  # a model finetuned from GPT-2 has more ids than characters
 else:
     print("No meta.pkl found, assuming GPT-2 encodings...")
     import tiktoken

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import gpt_lora
 import memory
 import utils
 from configurator import ConfigError, configure
@@ -64,6 +65,11 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 activation_checkpointing = False  # recompute activations in backward: much less memory, ~30% slower
+# LoRA (peft): train low-rank adapters on the frozen weights of init_from=gpt2*; checkpoints hold only them
+lora_rank = 0  # 0 = off
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05
+lora_targets = 'c_attn,c_proj,c_fc'  # the attention and MLP projections
 # optimizer
 optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; optimizer state in 8 bits); the object is `optim`
 learning_rate = 6e-4  # max learning rate
@@ -116,8 +122,8 @@ if ddp:
 else:  # one process, on whatever device
     master_process = True
     ddp_rank, ddp_world_size = 0, 1
-if master_process:
-    print(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
+say = print if master_process else (lambda *args: None)  # only rank 0 talks
+say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -141,8 +147,7 @@ meta_path = os.path.join(data_dir, 'meta.pkl')  # a character vocabulary, if the
 meta_vocab_size = None
 if os.path.exists(meta_path):
     meta_vocab_size = utils.load_meta(meta_path)['vocab_size']  # plain values only: a pickle can carry code
-    if master_process:
-        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+    say(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
     if largest_token >= meta_vocab_size:
         fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
              "the two do not belong together; prepare the dataset again")
@@ -173,16 +178,13 @@ if ddp and not eval_only:
 
 # -----------------------------------------------------------------------------
 # model init
-iter_num = 0
-best_val_loss = float('inf')
-evals_without_improvement = 0
+iter_num, best_val_loss, evals_without_improvement = 0, float('inf'), 0
 last_eval_iter = None  # a checkpoint saved right after an eval must not repeat it on resume
 checkpoint = None
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=None, dropout=dropout)
 if init_from == 'scratch':
-    if master_process:
-        print("Initializing a new model from scratch")
+    say("Initializing a new model from scratch")
     model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -193,23 +195,23 @@ elif init_from == 'resume':
         fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
     # onto the CPU: the RNG states must stay there, and the weights move with the model below
     checkpoint = utils.load_checkpoint(ckpt_path, ('model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'), hint)
-    if master_process:
-        print(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
+    say(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
     try:
-        model = GPT.from_checkpoint(checkpoint, dropout=dropout)
+        model = gpt_lora.load(checkpoint, dropout=dropout)
     except ValueError as e:
         fail(f"{ckpt_path}: {e}{hint}")
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size'):
-        if k in explicit_keys and config[k] != checkpoint['model_args'][k]:
-            fail(f"the checkpoint has {k}={checkpoint['model_args'][k]} but {k}={config[k]} was given: "
+    saved = dict(checkpoint['model_args'], **gpt_lora.settings(checkpoint))  # LoRA comes with the checkpoint
+    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', *gpt_lora.SETTINGS):
+        if k in explicit_keys and k in saved and config[k] != saved[k]:
+            fail(f"the checkpoint has {k}={saved[k]} but {k}={config[k]} was given: "
                  f"drop that setting to resume, or train a new model in another out_dir")
-        model_args[k] = checkpoint['model_args'][k]
+        if k in saved:
+            (model_args if k in model_args else config)[k] = saved[k]
     block_size = model_args['block_size']  # the checkpoint's, unless given
     iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 else:
-    if master_process:
-        print(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    say(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:
@@ -221,6 +223,8 @@ else:
 if block_size < model.config.block_size:  # crop down the model block size if desired
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
+if lora_rank and init_from != 'resume':
+    gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
     fail(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
          "train this dataset from scratch, or prepare it with the model's tokenizer")
@@ -230,9 +234,8 @@ if largest_token >= model.config.vocab_size:
 model.activation_checkpointing = activation_checkpointing
 model.to(device)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    print(memory.gpt_start_line(config, ddp_world_size, device, model_args))  # warns if it will not fit the GPU
+say(f"tokens per iteration will be: {tokens_per_iter:,}")
+say(memory.gpt_start_line(config, ddp_world_size, device, model_args))  # warns if it will not fit the GPU
 raw_model = model  # unwrapped, uncompiled: what we save and measure
 
 # -----------------------------------------------------------------------------
@@ -253,8 +256,8 @@ if checkpoint is not None:
     rng_states = checkpoint.get('rng')
     if rng_states is not None and len(rng_states) == ddp_world_size:
         utils.set_rng_state(rng_states[ddp_rank])
-    elif master_process:
-        print("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
+    else:
+        say("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
 checkpoint = None  # free up memory
 
 # compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
@@ -309,7 +312,8 @@ def save_checkpoint(is_best, previous_iter):
         dist.all_gather_object(rng_states, utils.get_rng_state())
     if not master_process:
         return iter_num
-    ckpt = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
+    weights, lora = gpt_lora.checkpoint_weights(raw_model)  # under LoRA: the adapters and the base's name
+    ckpt = {'model': weights, 'lora': lora, 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
             'config': config, 'rng': rng_states}
@@ -364,16 +368,13 @@ while True:
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
-        if master_process:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  f" (best {best_val_loss:.4f})")
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})")
         log({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']},
             {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
         if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
             last_saved_iter = save_checkpoint(improved, last_saved_iter)
         if patience and evals_without_improvement >= patience:
-            if master_process:
-                print(f"early stopping: val loss has not improved for {patience} evals (best {best_val_loss:.4f})")
+            say(f"early stopping: val loss has not improved for {patience} evals (best {best_val_loss:.4f})")
             break
     if eval_only or iter_num >= max_iters:
         break
@@ -436,8 +437,7 @@ while True:
         log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tokens_per_iter / dt, 'mfu': mfu},
             {"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tokens_per_iter / dt})
     if stop_requested:
-        if master_process:
-            print(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
+        say(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
         break
 
 # the state to resume from: at the end of a run, and on SIGTERM/SIGINT whatever the settings

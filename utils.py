@@ -5,6 +5,7 @@ errors, the training loop's mechanics (schedule, stop signals, log.jsonl, non-fi
 memory), RNG state for exact resume, batch offsets, checkpoint and dataset-metadata loading, wandb.
 """
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -63,11 +64,13 @@ TRAIN_RANGES = {  # train.py's numeric settings; bench.py and plan.py take the s
     'learning_rate': '[0, inf)', 'max_iters': '[0, inf)', 'weight_decay': '[0, inf)', 'beta1': '[0, 1)',
     'beta2': '[0, 1)', 'grad_clip': '[0, inf)', 'max_nonfinite_steps': '[1, inf)', 'warmup_iters': '[0, inf)',
     'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)', 'seed': '[0, 4294967296)',
+    'lora_rank': '[0, inf)', 'lora_alpha': '(0, inf)', 'lora_dropout': '[0, 1)',
 }
 
 
 def check_train_settings(config):
     """train.py's settings, alone and together: one line for the first one that cannot work."""
+    import gpt_lora
     from model import PRETRAINED
     check_ranges(config, TRAIN_RANGES)
     c = config
@@ -89,6 +92,15 @@ def check_train_settings(config):
     if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
         fail(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
              "nor a folder with a Hugging Face GPT-2 checkpoint")
+    unknown = set(c['lora_targets'].split(',')) - set(gpt_lora.TARGETS)
+    if unknown:
+        fail(f"lora_targets='{c['lora_targets']}' names {', '.join(sorted(unknown))}: use a comma-separated "
+             f"list of {', '.join(gpt_lora.TARGETS)}")
+    if c['lora_rank'] and init_from == 'scratch':
+        fail("lora_rank > 0 adapts a pretrained model: use --init_from=gpt2 (or gpt2-medium, ..., or a Hugging Face "
+             "folder), or --lora_rank=0 to train from scratch")
+    if c['lora_rank'] and importlib.util.find_spec('peft') is None:
+        fail("lora_rank > 0 needs peft: pip install peft")
 
 
 # -----------------------------------------------------------------------------
@@ -448,15 +460,18 @@ def load_checkpoint(path, required, hint="", mmap=False):
     return checkpoint
 
 
-def load_gpt(path, hint):
+def load_gpt(path, hint, reuse=None):
     """The GPT in a train.py checkpoint, and the checkpoint: read onto the CPU memory-mapped, so its
-    optimizer state is never read. One line (ending in hint: what to do) when there is none."""
-    from model import GPT
+    optimizer state is never read. One line (ending in hint: what to do) when there is none. A LoRA
+    checkpoint on the base of `reuse` adds its adapter to that model (see gpt_lora.load)."""
+    import gpt_lora
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}: {hint}")
     checkpoint = load_checkpoint(path, ('model', 'model_args'), mmap=True)
+    if checkpoint.get('lora') is not None and importlib.util.find_spec('peft') is None:
+        fail(f"{path} holds LoRA adapters, which need peft: pip install peft")
     try:
-        return GPT.from_checkpoint(checkpoint), checkpoint
+        return gpt_lora.load(checkpoint, reuse=reuse), checkpoint
     except ValueError as e:
         fail(f"{path}: {e}")
 

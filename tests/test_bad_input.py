@@ -61,6 +61,17 @@ def write_tokens(folder, tokens, meta=None, raw_meta=None):
     return str(folder)
 
 
+def lora_checkpoint(base, good):
+    """A LoRA checkpoint on the Hugging Face folder base, with the other entries of the checkpoint good."""
+    import dataclasses
+    import gpt_lora
+    from model import GPT
+    model = GPT.from_pretrained(base)
+    gpt_lora.add(model, 2, 4.0, 0.0, gpt_lora.TARGETS)
+    weights, lora = gpt_lora.checkpoint_weights(model)
+    return dict(good, model=weights, lora=lora, model_args=dataclasses.asdict(model.config))
+
+
 def write_checkpoint(folder, checkpoint, finished_run=None):
     os.makedirs(folder, exist_ok=True)
     torch.save(checkpoint, os.path.join(folder, 'ckpt.pt'))
@@ -101,6 +112,11 @@ def bad(finished_run, tmp_path_factory):
         paths[name] = str(shutil.copytree(paths['hf'], root / name))
         with open(os.path.join(paths[name], 'config.json'), 'wb') as f:
             f.write(damage)
+    for name in ('changed', 'gone'):  # LoRA checkpoints whose base folder is later replaced, or deleted
+        base = str(shutil.copytree(paths['hf'], root / f'base_{name}'))
+        paths[f'lora_base_{name}'] = write_checkpoint(root / f'lora_base_{name}', lora_checkpoint(base, good))
+    tiny_hf_gpt2(root / 'base_changed', seed=1)
+    shutil.rmtree(root / 'base_gone')
     paths['hf_bad_weights'] = str(shutil.copytree(paths['hf'], root / 'hf_bad_weights'))
     with open(os.path.join(paths['hf_bad_weights'], 'model.safetensors'), 'wb') as f:
         f.write(b'\x00' * 64)
@@ -187,6 +203,13 @@ TRAIN = [
     ('HF config not JSON', ['--init_from={hf_bad_json}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (JSONDecodeError'),
     ('HF config missing sizes', ['--init_from={hf_missing_keys}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (KeyError'),
     ('HF weights broken', ['--init_from={hf_bad_weights}', '--out_dir={fresh}'], 1, 'cannot load its weights'),
+    ('LoRA on a model from scratch', ['--lora_rank=4', '--out_dir={fresh}'], 1, 'lora_rank > 0 adapts a pretrained model'),
+    ('LoRA target unknown', ['--lora_targets=c_attn,q_proj'], 1, "names q_proj: use a comma-separated list of c_attn"),
+    ('lora_alpha 0', ['--lora_alpha=0'], 1, 'lora_alpha must be in (0, inf)'),
+    ('resume a full run with LoRA', ['--init_from=resume', '--lora_rank=4'], 1, 'the checkpoint has lora_rank=0 but lora_rank=4'),
+    ('LoRA base replaced since', ['--init_from=resume', '--out_dir={lora_base_changed}'], 1,
+     'now has other weights than those its adapter was trained on'),
+    ('LoRA base deleted since', ['--init_from=resume', '--out_dir={lora_base_gone}'], 1, 'its base model'),
     ('block_size above the pretrained one', ['--init_from={hf}', '--block_size=64', '--out_dir={fresh}'], 1,
      'block_size=64 is larger than'),
 ]
@@ -287,6 +310,7 @@ SAMPLE = [
     ('checkpoint_name missing', ['--checkpoint_name=nope.pt'], 1, 'nope.pt: train one first'),
     ('checkpoint is a list', ['--out_dir={ckpt_list}'], 1, 'is not a train.py checkpoint'),
     ('checkpoint weights not its args', ['--out_dir={ckpt_wrong_weights}'], 1, 'its weights do not fit its model_args'),
+    ('LoRA base replaced since', ['--out_dir={lora_base_changed}'], 1, 'now has other weights than those its adapter'),
     ('prompt file missing', ['--start=FILE:/no/such/prompt.txt'], 1, 'cannot read the prompt file'),
     ('prompt file not UTF-8', ['--start=FILE:{prompt_not_utf8}'], 1, 'give a UTF-8 text file'),
     ('empty prompt', ['--start='], 1, 'the prompt is empty'),
@@ -400,7 +424,7 @@ def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
 
 FREE_TEXT = {'train.py': {'wandb_project', 'wandb_run_name'}, 'sample.py': {'start', 'out_dir'}}  # any string is valid
 REFUSED_STRINGS = {'out_dir': '', 'dataset': '', 'init_from': 'gpt3', 'device': 'tpu', 'dtype': 'float64',
-                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt'}
+                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt', 'lora_targets': 'q_proj'}
 
 
 def refused_value(name, default, ranges):

@@ -77,23 +77,63 @@ def test_prepare_classes_bad_input_is_one_line(corpus, tmp_path):
     assert_one_line_error(run_inline("data/prepare_classes.py", tmp_path / "notes.txt"), "must be .csv, .jsonl")
 
 
-def test_class_models_beat_the_baselines(corpus, tmp_path):
+def train_class_models(corpus, out, *extra, classes=None):
+    """Tiny BPE models, one per class (or per name in classes), a few seconds each; their out_dirs."""
     with open(corpus / "data" / "labels.json") as f:
-        folders = json.load(f)["folders"]
-    for folder in folders:  # tiny BPE models, one per class, a few seconds each
-        result = run_script("train.py", *TINY, f"--dataset={corpus / 'data' / folder}", f"--out_dir={tmp_path / folder}",
-                            "--max_iters=100", "--eval_interval=100", "--learning_rate=3e-3", "--lr_decay_iters=100")
+        folders = classes or json.load(f)["folders"]
+    for folder in folders:
+        result = run_script("train.py", *TINY, f"--dataset={corpus / 'data' / folder}", f"--out_dir={out / folder}",
+                            "--max_iters=100", "--eval_interval=100", "--learning_rate=3e-3", "--lr_decay_iters=100", *extra)
         assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("classify.py", f"--models={','.join(str(tmp_path / f) for f in folders)}",
-                        f"--test={corpus / 'data' / 'test.jsonl'}", "--device=cpu")
+    return [str(out / folder) for folder in folders]
+
+
+def classify(corpus, models):
+    """classify.py's accuracies by line name, and its output."""
+    result = run_script("classify.py", f"--models={','.join(models)}", f"--test={corpus / 'data' / 'test.jsonl'}", "--device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
-    accuracy = {line.split("  accuracy")[0].strip(): float(line.split("accuracy ")[1].split()[0])
-                for line in result.stdout.splitlines() if "  accuracy " in line}
+    return {line.split("  accuracy")[0].strip(): float(line.split("accuracy ")[1].split()[0])
+            for line in result.stdout.splitlines() if "  accuracy " in line}, result.stdout
+
+
+def assert_beats_the_baselines(accuracy, output):
     gpt, majority, bayes = (accuracy[k] for k in ("generative GPT classifier", "majority class", "naive Bayes (word counts)"))
-    assert gpt >= 0.75 and gpt > majority + 0.3, result.stdout  # chance is 1/3
-    assert gpt > bayes or gpt == 1.0, result.stdout  # word counts cannot tell verse from reversed verse; word order can
+    assert gpt >= 0.75 and gpt > majority + 0.3, output  # chance is 1/3
+    assert gpt > bayes or gpt == 1.0, output  # word counts cannot tell verse from reversed verse; word order can
+
+
+def test_class_models_beat_the_baselines(corpus, tmp_path):
+    assert_beats_the_baselines(*classify(corpus, train_class_models(corpus, tmp_path)))
     predictions = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(predictions) == 90 and set(predictions[0]["scores"]) == {"esrev", "numbers", "verse"}
+
+
+def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path):
+    # classify.py keeps one base and switches adapters: each class's scores must be its model's own
+    import tiktoken
+    import torch
+    import torch.nn.functional as F
+    import utils
+    from conftest import tiny_hf_gpt2
+    tiny_hf_gpt2(tmp_path / "base", vocab_size=50257, n_layer=2, n_embd=32, n_positions=32)
+    adapters = train_class_models(corpus, tmp_path / "lora", f"--init_from={tmp_path / 'base'}", "--lora_rank=4",
+                                  "--max_iters=10", "--gradient_accumulation_steps=1", "--eval_iters=1")
+    result = run_script("classify.py", f"--models={','.join(adapters)}", f"--test={corpus / 'data' / 'test.jsonl'}",
+                        "--device=cpu", "--limit=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    predictions = [json.loads(line) for line in open(tmp_path / "lora" / "predictions.jsonl")]
+    documents = [json.loads(line)["text"] for line in open(corpus / "data" / "test.jsonl")][:8]
+    with open(corpus / "data" / "labels.json") as f:
+        labels = json.load(f)
+    enc = tiktoken.get_encoding("gpt2")
+    for name, folder, prior in zip(labels["names"], labels["folders"], labels["priors"]):
+        model = utils.load_gpt(str(tmp_path / "lora" / folder / "ckpt.pt"), "")[0].eval()  # alone, on its own base
+        for document, prediction in zip(documents, predictions):
+            tokens = torch.tensor([[enc.eot_token] + enc.encode_ordinary(document) + [enc.eot_token]])
+            assert tokens.size(1) <= 32  # one window: the whole document
+            with torch.no_grad():
+                logp = F.log_softmax(model(tokens[:, :-1])[0], dim=-1).gather(-1, tokens[:, 1:, None]).sum().item()
+            assert abs(prediction["scores"][name] - (logp + np.log(prior))) < 1e-3
 
 
 def test_long_documents_are_scored_in_windows_that_predict_every_token_once():

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+import gpt_lora
 import memory
 import plan
 import vlm_fixtures
@@ -58,6 +59,25 @@ def test_gpt_weights_gradients_optimizer_bytes_match_real_tensors(optimizer_name
     assert predicted["optimizer"] == tensor_bytes(optimizer_tensors(optimizer))
 
 
+@pytest.mark.parametrize("targets", [gpt_lora.TARGETS, ("c_attn",)])
+def test_gpt_lora_weights_gradients_optimizer_bytes_match_real_tensors(targets):
+    shape = tiny_gpt_shape()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape))
+    model.pretrained_from = "random weights, standing in for pretrained ones"
+    gpt_lora.add(model, 4, 8.0, 0.1, targets)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 96, (2, 16))
+    one_step(model, optimizer, model(x, x)[1])
+
+    predicted = memory.gpt_memory(shape, batch_size=2, world_size=1, dtype="float32", lora_rank=4, lora_targets=targets)
+    params = list(model.parameters())
+    assert predicted["weights"] == tensor_bytes(params)
+    assert all(p.grad is None for p in params if not p.requires_grad)  # the frozen base has no gradients
+    assert predicted["gradients"] == tensor_bytes([p.grad for p in params if p.requires_grad])
+    assert predicted["optimizer"] == tensor_bytes(optimizer_tensors(optimizer))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt_parameter_count_matches_the_model(bias):
     shape = tiny_gpt_shape(bias)
@@ -75,6 +95,16 @@ def test_a_bigger_batch_needs_more_memory():
 
 def test_activation_checkpointing_needs_less_memory():
     assert gpt2_medium_peak(activation_checkpointing=True) < gpt2_medium_peak()
+
+
+def test_lora_drops_gradients_and_optimizer_state_to_a_fraction():
+    shape = memory.gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
+    full = memory.gpt_memory(shape, 2, 1, "bfloat16")
+    lora = memory.gpt_memory(shape, 2, 1, "bfloat16", lora_rank=8, lora_dropout=0.05)
+    assert lora["weights"] < 1.01 * full["weights"]  # the frozen model, plus adapters of <1% its size
+    for part in ("gradients", "optimizer"):
+        assert lora[part] < 0.01 * full[part]
+    assert sum(lora.values()) < 0.65 * sum(full.values())
 
 
 # -----------------------------------------------------------------------------
