@@ -114,7 +114,7 @@ if __name__ == '__main__':
     args = model.config
     vocab_size = args.vocab_size if char_level else min(args.vocab_size, GPT2_VOCAB)
     hf_config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
-                           n_head=args.n_head, activation_function="gelu_new", tie_word_embeddings=True,
+                           n_head=args.n_head, activation_function="gelu_new" if args.gelu == "tanh" else "gelu", tie_word_embeddings=True,
                            bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     hf_model = GPT2LMHeadModel(hf_config)
     hf_model.load_state_dict(hf_state_dict(model, vocab_size), strict=False)  # lm_head is tied to wte

@@ -33,6 +33,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2; False is a bit faster
+    gelu: str = "tanh"  # GPT-2's approximation, which its weights need; "exact" (nanoGPT's) is faster on CPUs
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,7 +74,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu; the exact one drifts from its weights
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -173,7 +174,7 @@ class GPT(nn.Module):
         sizes = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
         if not isinstance(args, dict) or not isinstance(state, dict) or not set(args) <= fields \
                 or not all(isinstance(args.get(k), int) and args[k] > 0 for k in sizes) \
-                or args["n_embd"] % args["n_head"]:
+                or args["n_embd"] % args["n_head"] or args.get("gelu", "tanh") not in ("tanh", "exact"):
             raise ValueError("it holds no GPT: 'model_args' or 'model' is missing or malformed")
         if checkpoint.get("lora") is not None:
             raise ValueError("it holds LoRA adapters, not a whole GPT: load it with gpt_lora.from_checkpoint")
@@ -226,7 +227,7 @@ class GPT(nn.Module):
             raise ValueError(f"{path} is not a GPT-2 config ({type(e).__name__}: {e})") from None
         if not all(isinstance(v, int) and v > 0 for v in args.values()) or args["n_embd"] % args["n_head"]:
             raise ValueError(f"{path} has impossible sizes: {args}")
-        return args
+        return dict(args, gelu="exact" if hf.get("activation_function") == "gelu" else "tanh")
 
     def load_hf_state_dict(self, hf_state):
         """Copy a GPT2LMHeadModel state dict in. HF keeps Conv1D weights as (in, out): transpose them."""
@@ -245,23 +246,35 @@ class GPT(nn.Module):
                     raise ValueError(f"weight {k} has shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
                 ours[k].copy_(v)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_learning_rate=0.02, muon_momentum=0.95):
         """AdamW with decay on matrices only (not biases, norms); fused on CUDA and CPU. optimizer='adamw8bit'
-        keeps the two moment buffers in 8 bits (bitsandbytes), cutting their memory by 4x."""
+        keeps the two moment buffers in 8 bits (bitsandbytes), cutting their memory by 4x. optimizer='muon':
+        torch.optim.Muon on the blocks' 2-D weights (attention and MLP), AdamW on the rest (embeddings,
+        the tied head, biases, norms), stepped and saved as one (MuonAdamW)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        hidden = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if optimizer == "muon" else []
+        rest = [p for p in params if id(p) not in {id(h) for h in hidden}]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if hidden:
+            print(f"Muon: {len(hidden)} matrices, with {sum(p.numel() for p in hidden):,} parameters")
         print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
         print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         if optimizer == "adamw8bit":
             import bitsandbytes as bnb
             return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
-        if optimizer != "adamw":
-            raise ValueError(f"unknown optimizer '{optimizer}': use 'adamw' or 'adamw8bit'")
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer '{optimizer}': use 'adamw', 'adamw8bit' or 'muon'")
         # fused: one kernel for all tensors, and it can skip a non-finite step on the device (found_inf)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        if optimizer == "adamw":
+            return adamw
+        muon = torch.optim.Muon(hidden, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum)
+        muon.param_groups[0]["lr_ratio"] = muon_learning_rate / learning_rate  # the schedule scales both alike
+        return MuonAdamW(muon, adamw)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus attention's, as in the PaLM paper (App. B);
@@ -317,6 +330,33 @@ class GPT(nn.Module):
             else self.lm_head.weight.dtype
         return [[torch.empty(shape, dtype=dtype, device=idx.device) for _ in range(2)]
                 for _ in range(cfg.n_layer)]
+
+
+class MuonAdamW:
+    """Muon and AdamW, each on its own parameters, as one optimizer for train.py and GradScaler:
+    param_groups, step, zero_grad and (load_)state_dict cover both."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -315,13 +315,6 @@ def dollars(amount):
     return f"${amount:,.0f}" if amount >= 10 else f"${amount:.2f}"
 
 
-def human_time(seconds):
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
-
-
 def table(rows):
     """Markdown rows from (GPU, count, best_fit's dict): fits, micro-batch + flags, peak, how many such runs fit
     on each GPU at once (e.g. one class model each, classify.py's workflow), tokens/s, time, cost."""
@@ -332,7 +325,7 @@ def table(rows):
             lines.append(f"| {gpu} | {count} | no | - | - | - | - | - | - |")
             continue
         lines.append(f"| {gpu} | {count} | yes | `{row['flags']}` | {row['peak'] / GiB:.1f} / {row['need'] / GiB:.1f} "
-                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} | {dollars(row['cost'])} |")
+                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {utils.human_time(row['seconds'])} | {dollars(row['cost'])} |")
     return "\n".join(lines)
 
 

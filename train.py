@@ -71,7 +71,9 @@ lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05
 lora_targets = 'c_attn,c_proj,c_fc'  # the attention and MLP projections
 # optimizer
-optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; optimizer state in 8 bits); the object is `optim`
+optimizer = 'adamw'  # 'adamw' | 'adamw8bit' (bitsandbytes; state in 8 bits) | 'muon'; the object is `optim`
+muon_learning_rate = 0.02  # optimizer='muon': Muon's rate for the blocks' matrices (AdamW's is learning_rate)
+muon_momentum = 0.95
 learning_rate = 6e-4  # max learning rate
 max_iters = 600000  # total number of training iterations
 weight_decay = 1e-1
@@ -178,11 +180,11 @@ if ddp and not eval_only:
 
 # -----------------------------------------------------------------------------
 # model init
-iter_num, best_val_loss, evals_without_improvement = 0, float('inf'), 0
+iter_num, best_val_loss, evals_without_improvement, elapsed_before = 0, float('inf'), 0, 0.0
 last_eval_iter = None  # a checkpoint saved right after an eval must not repeat it on resume
 checkpoint = None
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=None, dropout=dropout)
+                  vocab_size=None, dropout=dropout, gelu='exact')  # exact GELU from scratch: faster on CPUs
 if init_from == 'scratch':
     say("Initializing a new model from scratch")
     model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
@@ -209,6 +211,7 @@ elif init_from == 'resume':
             (model_args if k in model_args else config)[k] = saved[k]
     block_size = model_args['block_size']  # the checkpoint's, unless given
     iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
+    elapsed_before = checkpoint.get('elapsed_s', 0.0)
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 else:
     say(f"Initializing from OpenAI GPT-2 weights: {init_from}")
@@ -220,6 +223,7 @@ else:
         fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
              f"use --block_size={model.config.block_size} or less")
     model_args.update({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'vocab_size')})
+model_args['gelu'] = model.config.gelu  # GPT-2's weights (and our older checkpoints) need its tanh GELU
 if block_size < model.config.block_size:  # crop down the model block size if desired
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
@@ -242,7 +246,8 @@ raw_model = model  # unwrapped, uncompiled: what we save and measure
 # optimizer: fused AdamW (or 8-bit), restored exactly on resume; the scaler only for float16
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 try:
-    optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+    optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_learning_rate, muon_momentum)
 except ImportError:
     fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
 if checkpoint is not None:
@@ -297,6 +302,9 @@ def estimate_loss():
 
 
 def log(record, wandb_record):
+    # elapsed_s: wall time of the run (its earlier parts too, on resume), less the compilation
+    elapsed = elapsed_before + (0.0 if compiling else time.time() - run_start - compile_s)
+    record['elapsed_s'] = wandb_record['elapsed_s'] = round(elapsed, 3)
     if master_process and not eval_only:
         utils.append_jsonl(log_path, record)
     if master_process and wandb_log:
@@ -316,7 +324,7 @@ def save_checkpoint(is_best, previous_iter):
     ckpt = {'model': weights, 'lora': lora, 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
             'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
-            'config': config, 'rng': rng_states}
+            'config': config, 'rng': rng_states, 'elapsed_s': elapsed_before + time.time() - run_start - compile_s}
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     print(f"saving checkpoint to {out_dir} (iter {iter_num})")
     try:
@@ -350,6 +358,7 @@ X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
 # and are read at log iterations and every check_every iterations (the stop signals then too)
 check_every = 10
 t0, t0_iter = time.time(), iter_num
+run_start, compile_s, compiling = t0, 0.0, compile and not blocker  # compiling: the first iteration and eval
 nonfinite_in_a_row = torch.zeros((), device=device)
 nonfinite_total = torch.zeros((), device=device)
 stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
@@ -359,7 +368,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr = utils.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
     for param_group in optim.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_ratio', 1.0)  # Muon's: muon_learning_rate / learning_rate
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 and iter_num != last_eval_iter:
@@ -412,6 +421,10 @@ while True:
     nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
     nonfinite_total += skipped
     it, iter_num = iter_num, iter_num + 1
+    if compiling:  # its own line, and no ETA from its log line
+        compiling, compile_s = False, time.time() - run_start
+        say(f"compilation, with the first iteration and eval: {compile_s:.1f}s (left out of elapsed_s)")
+        log({'iter': it, 'compile_s': compile_s}, {'compile_s': compile_s})
 
     # the points where we wait for the device: logging, non-finite counts, stop signals under DDP
     log_now = it % log_interval == 0
@@ -429,11 +442,13 @@ while True:
                            f"iter {last_saved_iter}" if last_saved_iter is not None else None)
     if log_now and master_process:
         t1 = time.time()
+        eta = utils.human_time((max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter)) \
+            if t0 >= run_start + compile_s else "n/a (this time includes compilation)"
         dt, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num  # mean over the iterations since the last log
         mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
-        print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-              f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}")
+        print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+              f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}, ETA {eta}")
         log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tokens_per_iter / dt, 'mfu': mfu},
             {"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tokens_per_iter / dt})
     if stop_requested:

@@ -65,6 +65,7 @@ TRAIN_RANGES = {  # train.py's numeric settings; bench.py and plan.py take the s
     'beta2': '[0, 1)', 'grad_clip': '[0, inf)', 'max_nonfinite_steps': '[1, inf)', 'warmup_iters': '[0, inf)',
     'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)', 'seed': '[0, 4294967296)',
     'lora_rank': '[0, inf)', 'lora_alpha': '(0, inf)', 'lora_dropout': '[0, 1)',
+    'muon_learning_rate': '(0, inf)', 'muon_momentum': '[0, 1)',
 }
 
 
@@ -82,8 +83,12 @@ def check_train_settings(config):
     if c['decay_lr'] and c['min_lr'] > c['learning_rate']:
         fail(f"min_lr={c['min_lr']} is above learning_rate={c['learning_rate']}: the decay would raise it; "
              "set --min_lr (learning_rate/10 is usual) or --decay_lr=False")
-    if c['optimizer'] not in ('adamw', 'adamw8bit'):
-        fail(f"optimizer='{c['optimizer']}' is unknown: use adamw or adamw8bit")
+    if c['optimizer'] not in ('adamw', 'adamw8bit', 'muon'):
+        fail(f"optimizer='{c['optimizer']}' is unknown: use adamw, adamw8bit or muon")
+    if c['optimizer'] == 'muon' and not c['learning_rate']:
+        fail("optimizer='muon' scales Muon's rate with the schedule of learning_rate: give learning_rate > 0")
+    if c['optimizer'] == 'muon' and not hasattr(torch.optim, 'Muon'):
+        fail(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
     if c['backend'] not in ('nccl', 'gloo'):
         fail(f"backend='{c['backend']}' is unknown: use nccl (GPUs) or gloo")
     if not c['out_dir'] or not c['dataset']:
@@ -326,6 +331,13 @@ def barrier():
     """Wait for every process (a no-op in a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def human_time(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def cosine_lr(step, max_lr, min_lr, warmup, decay_steps):

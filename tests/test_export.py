@@ -8,27 +8,30 @@ from conftest import run_inline
 from model import GPT, GPTConfig
 
 
-def write_checkpoint(folder, vocab_size, dataset, bias):
+def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh"):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, bias=bias, dropout=0.0))
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, bias=bias, dropout=0.0, gelu=gelu)
+    model = GPT(GPTConfig(**args))
     with torch.no_grad():  # non-zero biases and norms, so that a wrong layout shows
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1 if name.endswith("ln_1.weight") else 0))
     os.makedirs(folder, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": dict(n_layer=2, n_head=2, n_embd=32, block_size=16,
-                                                                  vocab_size=vocab_size, bias=bias, dropout=0.0),
-                "config": {"dataset": dataset}}, os.path.join(folder, "ckpt.pt"))
+    torch.save({"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}},
+               os.path.join(folder, "ckpt.pt"))
     return model.eval()
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_path, bias):
+@pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "exact")])  # GPT-2's; ours from scratch
+def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_path, bias, gelu):
     from transformers import AutoTokenizer, GPT2LMHeadModel
-    ours = write_checkpoint(tmp_path / "run", 50304, str(tmp_path / "no-such-dataset"), bias)
+    ours = write_checkpoint(tmp_path / "run", 50304, str(tmp_path / "no-such-dataset"), bias, gelu)
     assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
     folder = str(tmp_path / "run-hf")
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    # the two GELUs differ by < 1e-3, too little to show in these logits: check that each side says which
+    assert hf.config.activation_function == {"tanh": "gelu_new", "exact": "gelu"}[gelu]
+    assert GPT.from_pretrained(folder).config.gelu == gelu
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ours(idx)[0][..., :50257]  # the padded rows are cut back to GPT-2's vocabulary

@@ -83,6 +83,22 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else():
+    model = tiny_gpt()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_learning_rate=0.05)
+    muon_params = [p for g in opt.muon.param_groups for p in g['params']]
+    adamw_params = [p for g in opt.adamw.param_groups for p in g['params']]
+    blocks = {name for name, p in model.named_parameters() if name.startswith('transformer.h.') and p.dim() == 2}
+    assert {name for name, p in model.named_parameters() if any(p is q for q in muon_params)} == blocks
+    assert len(muon_params) + len(adamw_params) == len(list(model.parameters()))  # each once; wte/lm_head tied
+    assert any(p is model.lm_head.weight for p in adamw_params) and opt.muon.param_groups[0]['lr_ratio'] == 50
+    x = torch.randint(0, 50, (2, 16))
+    model.train()(x, x)[1].backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt.step()
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())  # both optimizers stepped
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
