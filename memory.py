@@ -135,8 +135,7 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
     activations += tokens * (4 * width + 8 + act * width)  # ln_f input and lm_head's 16-bit input
     return {
         "weights": 4 * (n_params + sum(lora)),
-        "gradients": 4 * sum(trained),
-        "DDP buckets": 4 * sum(trained) if world_size > 1 else 0,  # DDP reduces a flat copy of the gradients
+        "gradients": 4 * sum(trained),  # under DDP they are views into its all-reduce buckets: no copy
         "optimizer": adamw8bit_bytes(trained) if optimizer == "adamw8bit" else adamw_bytes(trained),
         # autocast's copies of the matmul weights, kept for backward (frozen ones too: for input gradients)
         "16-bit weight copies": 0 if act == 4 else 2 * (sum(n for n, matmul in params if matmul) + sum(lora)),

@@ -275,7 +275,8 @@ if compile and master_process:
 if compile and not blocker:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+    # gradients as views into the all-reduce buckets: no second copy of them
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, gradient_as_bucket_view=True)
 
 # -----------------------------------------------------------------------------
 # helpers, then the training loop
