@@ -15,6 +15,7 @@ GiB = 1024 ** 3
 # memory a run needs beyond its tensors: CUDA context + cuBLAS workspace, NCCL buffers with >1 GPU,
 # and the caching allocator's fragmentation (a fraction of the tensor peak). An allowance, not measured.
 CONTEXT_BYTES, NCCL_BYTES, FRAGMENTATION = 0.6 * GiB, 0.4 * GiB, 0.05
+LOSS_CHUNK_ROWS = 1024  # model.ChunkedCrossEntropy's positions per chunk: 1024 x 50304 float32 logits = 196 MiB
 
 
 def needed_bytes(memory, world_size):
@@ -106,9 +107,10 @@ def gpt_lora_settings(config):
 
 
 def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activation_checkpointing=False, dropout=0.0,
-               lora_rank=0, lora_targets=tuple(GPT_LINEARS), lora_dropout=0.0):
+               lora_rank=0, lora_targets=tuple(GPT_LINEARS), lora_dropout=0.0, fused_loss=False):
     """Per-GPU bytes at the peak of a train.py step (DDP over world_size GPUs), by component. With
-    lora_rank > 0 the GPT's weights are frozen: only the adapters get gradients and optimizer state."""
+    lora_rank > 0 the GPT's weights are frozen: only the adapters get gradients and optimizer state.
+    fused_loss: the loss a chunk of positions at a time (model.ChunkedCrossEntropy)."""
     params = gpt_params(shape)
     numels = [n for n, _ in params]
     n_params = sum(numels)
@@ -132,7 +134,14 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
         activations = tokens * (layers * 4 * width + per_block)  # block inputs, and one block recomputed in backward
     else:
         activations = tokens * layers * per_block
-    activations += tokens * (4 * width + 8 + act * width)  # ln_f input and lm_head's 16-bit input
+    activations += tokens * (4 * width + 8 + (0 if fused_loss else act * width))  # ln_f input, lm_head's 16-bit input
+    vocab = shape["vocab_size"]
+    if fused_loss:  # one chunk's logits (16-bit, float32, the gradient in place, a 16-bit copy of it for the
+        # matmuls), and the float32 gradients forward worked out for the head's input and weight
+        loss = min(tokens, LOSS_CHUNK_ROWS) * vocab * (2 * act + 4) + 4 * tokens * width + 4 * vocab * width
+    else:  # logits in the autocast dtype, and in backward three float32 (B,T,V) buffers: log_softmax's
+        # output, its incoming gradient and the gradient it returns
+        loss = tokens * vocab * (act + 12)
     return {
         "weights": 4 * (n_params + sum(lora)),
         "gradients": 4 * sum(trained),  # under DDP they are views into its all-reduce buckets: no copy
@@ -140,9 +149,7 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
         # autocast's copies of the matmul weights, kept for backward (frozen ones too: for input gradients)
         "16-bit weight copies": 0 if act == 4 else 2 * (sum(n for n, matmul in params if matmul) + sum(lora)),
         "activations": activations,
-        # logits in the autocast dtype, and in backward three float32 (B,T,V) buffers: log_softmax's
-        # output, its incoming gradient and the gradient it returns
-        "logits + loss": tokens * shape["vocab_size"] * (act + 12),
+        "logits + loss": loss,
         "inputs": tokens * 32,  # X, Y and the prefetched next X, Y as int64
     }
 
@@ -349,9 +356,10 @@ def gpt_start_line(config, world_size, device, model_args=None):
     shape = gpt_shape(config, model_args)
     dtype = utils.resolve_dtype("auto", str(device).split(":")[0]) if config["dtype"] == "auto" else config["dtype"]
     memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],
-                        config["activation_checkpointing"], config["dropout"], *gpt_lora_settings(config))
+                        config["activation_checkpointing"], config["dropout"], *gpt_lora_settings(config),
+                        config["fused_loss"])
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * shape["block_size"]
-    hint = "try --activation_checkpointing=True, --optimizer=adamw8bit or a smaller --batch_size"
+    hint = "try --fused_loss=True, --activation_checkpointing=True, --optimizer=adamw8bit or a smaller --batch_size"
     return start_line(memory, world_size, device, f"{tokens_per_iter:,} tokens/iter", hint)
 
 

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import hardware
+from memory import LOSS_CHUNK_ROWS  # plan.py counts the loss's memory with it
 
 PRETRAINED = {  # the OpenAI checkpoints: n_layer, n_head, n_embd
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -105,6 +106,7 @@ class GPT(nn.Module):
         self.pretrained_from = None  # the GPT-2 name or folder its weights came from
         self.lora = None  # the active LoRA adapter's settings (gpt_lora.py)
         self.activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% slower
+        self.fused_loss = False  # the head and the loss a slice of positions at a time: no full (B, T, vocab) logits
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -154,9 +156,12 @@ class GPT(nn.Module):
         """Without targets: (logits for every position, None). With targets: (None, the mean
         cross-entropy, -1 = ignore); the B*T*vocab logits are not handed back, so they do not stay
         alive across gradient-accumulation micro-steps."""
-        logits = self.lm_head(self.hidden_states(idx))
+        x = self.hidden_states(idx)
         if targets is None:
-            return logits, None
+            return self.lm_head(x), None
+        if self.fused_loss:
+            return None, fused_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)
         return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     def crop_block_size(self, block_size):
@@ -357,6 +362,62 @@ class MuonAdamW:
     def load_state_dict(self, state):
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+def fused_cross_entropy(x, weight, targets):
+    """Mean cross-entropy of the logits x @ weight.T (rows, vocab) against targets (-1 = ignore),
+    without the full logits: Liger's fused kernel on CUDA when liger-kernel is installed, else
+    ChunkedCrossEntropy."""
+    if not torch.is_grad_enabled():  # evaluation: no gradients to work out in forward
+        x, weight = x.detach(), weight.detach()
+    if x.is_cuda:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            pass
+        else:
+            return LigerFusedLinearCrossEntropyLoss(ignore_index=-1)(weight, x, targets)
+    return ChunkedCrossEntropy.apply(x, weight, targets)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The head and the loss, LOSS_CHUNK_ROWS positions at a time. Forward also works out the gradients
+    (softmax minus one-hot, through the head), so the (rows, vocab) logits of one chunk are all
+    that ever exist, and backward only scales the stored gradients: nothing is recomputed."""
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        rows = LOSS_CHUNK_ROWS
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        w = weight
+        if torch.is_autocast_enabled(x.device.type):  # cast once, not once per chunk and matmul
+            w = weight.to(torch.get_autocast_dtype(x.device.type))
+        for i in range(0, x.size(0), rows):
+            xs, ts = x[i:i + rows], targets[i:i + rows]
+            logits = (xs @ w.t()).float()  # under autocast in its dtype, as lm_head's matmul would be
+            keep = (ts != -1).unsqueeze(1)
+            picked = ts.clamp(min=0).unsqueeze(1)
+            lse = logits.logsumexp(dim=1, keepdim=True)
+            total += ((lse - logits.gather(1, picked)) * keep).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            # d(loss sum)/d(logits): softmax minus the one-hot target, zero for ignored rows
+            g = logits.sub_(lse).exp_().scatter_add_(1, picked, -keep.float()).mul_(keep).to(xs.dtype)
+            if grad_x is not None:
+                grad_x[i:i + rows] = g @ w
+            if grad_w is not None:
+                grad_w += g.t() @ xs
+        n = (targets != -1).sum()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(*(None if g is None else g.div_(n) for g in (grad_x, grad_w)))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_loss,
+                None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype), None)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

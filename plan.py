@@ -148,9 +148,18 @@ def parse(argv):
 # run it, plain to most memory-saving, as (flags, settings); samples are sequences (GPT) or
 # conversations (VLM), per optimizer step and per GPU unless said otherwise.
 
-GPT_SETUPS = [("", {}), ("--activation_checkpointing=True", {"activation_checkpointing": True}),
-              ("--optimizer=adamw8bit", {"optimizer": "adamw8bit"}),
-              ("--activation_checkpointing=True --optimizer=adamw8bit", {"activation_checkpointing": True, "optimizer": "adamw8bit"})]
+GPT_SETUPS = [{}, {"fused_loss": True}, {"fused_loss": True, "activation_checkpointing": True},
+              {"fused_loss": True, "optimizer": "adamw8bit"},
+              {"fused_loss": True, "activation_checkpointing": True, "optimizer": "adamw8bit"}]
+
+
+def gpt_setups(config):
+    """GPT_SETUPS as (flags, settings) for this config: only what it changes, each once."""
+    setups = {}
+    for settings in GPT_SETUPS:
+        changed = {k: v for k, v in settings.items() if config[k] != v}
+        setups.setdefault(" ".join(f"--{k}={v}" for k, v in changed.items()), changed)
+    return list(setups.items())
 
 
 def gpt_run(config):
@@ -166,7 +175,7 @@ def gpt_run(config):
     def memory(micro_batch, count, settings):
         run = dict(config, **settings)
         return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"], run["dropout"],
-                          *gpt_lora_settings(run))
+                          *gpt_lora_settings(run), run["fused_loss"])
 
     def flops_per_sample(settings):
         checkpointing = dict(config, **settings)["activation_checkpointing"]  # one more forward: 2N on 6N (4N: LoRA)
@@ -178,10 +187,11 @@ def gpt_run(config):
              f"vocab={shape['vocab_size']} block={config['block_size']}: {n_params / 1e6:.1f}M parameters, "
              f"{flops_per_token / 1e9:.2f} GFLOP per token (training)\n"
              f"run: {tokens_per_iter:,} tokens/iter x {config['max_iters']:,} iters = {tokens_per_iter * config['max_iters']:,} "
-             f"tokens; optimizer {config['optimizer']}, activation_checkpointing={config['activation_checkpointing']}{lora}")
+             f"tokens; optimizer {config['optimizer']}, activation_checkpointing={config['activation_checkpointing']}, "
+             f"fused_loss={config['fused_loss']}{lora}")
     return dict(
         kind="gpt", about=about, batch_size=config["batch_size"], settings={}, where=where, memory=memory,
-        setups=lambda count: [(flags, s) for flags, s in GPT_SETUPS if all(config[k] != v for k, v in s.items())],
+        setups=lambda count: gpt_setups(config),
         samples_per_gpu=lambda count: sequences // count if sequences % count == 0 else 0,
         flags=lambda micro, accumulation, count, setup:  # train.py takes the global accumulation
             f"--batch_size={micro} --gradient_accumulation_steps={accumulation * count} {setup}".strip(),
@@ -306,6 +316,7 @@ def best_fit(run, gpu, count, mfu, price):
                 seconds = run["total_samples"](count) / samples_per_s
                 cost = seconds / 3600 * count * (price if price is not None else default_price)
                 return dict(fits=True, flags=run["flags"](micro, per_gpu // micro, count, setup), peak=sum(memory.values()),
+                            micro=micro, micro_steps=per_gpu // micro, settings=settings,
                             need=need, tokens_per_s=samples_per_s * run["tokens_per_sample"], seconds=seconds, cost=cost,
                             side_by_side=int(memory_gib * GiB // need))  # such runs at once per GPU (one class model each)
     return dict(fits=False)
@@ -352,7 +363,25 @@ def plan(argv):
     print(breakdown(run["memory"](run["batch_size"], world, run["settings"]), world, run["where"](world)))
     print(f"MFU {mfu:.0%} ({why}); {run['time_note']}")
     counts = [options["gpus"]] if options["gpus"] else COUNTS
-    print(table([(gpu, count, best_fit(run, gpu, count, mfu, options["price"])) for gpu in gpus for count in counts]))
+    rows = [(gpu, count, best_fit(run, gpu, count, mfu, options["price"])) for gpu in gpus for count in counts]
+    print(table(rows))
+    print(trade_off(run, rows))
+
+
+def trade_off(run, rows):
+    """One line on the micro-batch chosen for the first run that fits, against the config's own."""
+    fitting = [(gpu, count, row) for gpu, count, row in rows if row["fits"]]
+    if not fitting:
+        return "nothing fits: fewer samples per step, more GPUs or a bigger GPU"
+    gpu, count, row = fitting[0]
+    if row["micro"] == run["batch_size"]:
+        return f"micro-batch on {gpu} x {count}: the config's own, {row['micro']}, in {row['micro_steps']} micro-step(s)"
+    own = sum(run["memory"](run["batch_size"], count, row["settings"]).values()) / GiB
+    own_steps = run["samples_per_gpu"](count) // run["batch_size"]
+    return (f"micro-batch on {gpu} x {count}: {row['micro']} in {row['micro_steps']} micro-step(s), {row['peak'] / GiB:.1f} GiB "
+            f"of tensors, instead of the config's {run['batch_size']} in {own_steps} ({own:.1f} GiB): the same samples per "
+            f"step in {'fewer, larger' if row['micro'] > run['batch_size'] else 'more, smaller'} matmuls. The time column "
+            "counts FLOPs at one MFU, so it does not show the speed difference; bench.py measures it")
 
 
 # -----------------------------------------------------------------------------

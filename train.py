@@ -65,6 +65,7 @@ n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
 bias = False  # do we use bias inside LayerNorm and Linear layers?
 activation_checkpointing = False  # recompute activations in backward: much less memory, ~30% slower
+fused_loss = True  # the head and the loss a chunk of positions at a time: no (B, T, vocab) logits, no slower
 # LoRA (peft): train low-rank adapters on the frozen weights of init_from=gpt2*; checkpoints hold only them
 lora_rank = 0  # 0 = off
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
@@ -91,6 +92,8 @@ backend = 'nccl'  # DDP backend on GPUs; CPUs always use 'gloo'
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
 compile = True  # use PyTorch 2.0 to compile the model to be faster
+compile_mode = 'default'  # or 'max-autotune' (with CUDA graphs), 'max-autotune-no-cudagraphs': longer compiles
+attention_backend = 'auto'  # SDPA's kernel: 'auto' (cuDNN first on Hopper), 'flash', 'cudnn', 'efficient', 'math'
 seed = 1337
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
@@ -108,22 +111,9 @@ fail = utils.fail
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 device, device_type = utils.resolve_device(device)
 dtype = utils.resolve_dtype(dtype, device_type)
-if ddp:
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
-    if gradient_accumulation_steps % ddp_world_size != 0:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
-             f"{ddp_world_size} processes: make it a multiple of {ddp_world_size}")
-    if device_type == 'cuda':
-        device = f'cuda:{ddp_local_rank}'
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend if device_type == 'cuda' else 'gloo')
-    master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-    gradient_accumulation_steps //= ddp_world_size
-else:  # one process, on whatever device
-    master_process = True
-    ddp_rank, ddp_world_size = 0, 1
+ddp_rank, ddp_local_rank, ddp_world_size, device, gradient_accumulation_steps = \
+    utils.start_ddp(device, device_type, backend, gradient_accumulation_steps)  # per process from here on
+master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 say = print if master_process else (lambda *args: None)  # only rank 0 talks
 say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
@@ -131,6 +121,8 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+kernels = utils.attention_kernels(attention_backend, device_type)
+kernels.__enter__()  # for the whole run (a global setting, like tf32 above)
 
 # -----------------------------------------------------------------------------
 # data: token files checked whole-token and within the vocabulary before anything is built
@@ -236,6 +228,7 @@ if largest_token >= model.config.vocab_size:
     fail(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
          "prepare the data with the model's tokenizer")
 model.activation_checkpointing = activation_checkpointing
+model.fused_loss = fused_loss
 model.to(device)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 say(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -273,7 +266,7 @@ if compile and master_process:
     print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check"
           if blocker else "compiling the model... (the first iteration takes a ~minute)")
 if compile and not blocker:
-    model = torch.compile(model)
+    model = torch.compile(model, mode=None if compile_mode == 'default' else compile_mode)
 if ddp:
     # gradients as views into the all-reduce buckets: no second copy of them
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, gradient_as_bucket_view=True)

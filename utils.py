@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -89,6 +89,10 @@ def check_train_settings(config):
         fail("optimizer='muon' scales Muon's rate with the schedule of learning_rate: give learning_rate > 0")
     if c['optimizer'] == 'muon' and not hasattr(torch.optim, 'Muon'):
         fail(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
+    if c['compile_mode'] not in COMPILE_MODES:
+        fail(f"compile_mode='{c['compile_mode']}' is unknown: use {', '.join(COMPILE_MODES)}")
+    if c['attention_backend'] not in ATTENTION_BACKENDS:
+        fail(f"attention_backend='{c['attention_backend']}' is unknown: use {', '.join(ATTENTION_BACKENDS)}")
     if c['backend'] not in ('nccl', 'gloo'):
         fail(f"backend='{c['backend']}' is unknown: use nccl (GPUs) or gloo")
     if not c['out_dir'] or not c['dataset']:
@@ -129,6 +133,22 @@ def resolve_device(device):
     return device, device_type
 
 
+def start_ddp(device, device_type, backend, gradient_accumulation_steps):
+    """Under torchrun: one GPU per process and the process group joined. Returns (rank, local_rank,
+    world_size, this process's device, its share of the global gradient_accumulation_steps)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1, device, gradient_accumulation_steps
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the "
+             f"{world_size} processes: make it a multiple of {world_size}")
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend=backend if device_type == "cuda" else "gloo")
+    return rank, local_rank, world_size, device, gradient_accumulation_steps // world_size
+
+
 def has_native_bf16():
     # is_bf16_supported() alone says True on T4/V100, which only emulate it (slower than fp16)
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -143,6 +163,25 @@ def resolve_dtype(dtype, device_type):
     if dtype == "bfloat16" and device_type == "cuda" and not has_native_bf16():
         fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --dtype=float16")
     return dtype
+
+
+COMPILE_MODES = ('default', 'max-autotune', 'max-autotune-no-cudagraphs')
+ATTENTION_BACKENDS = ('auto', 'flash', 'cudnn', 'efficient', 'math')
+
+
+def attention_kernels(backend, device_type):
+    """The context manager that picks scaled_dot_product_attention's kernel. 'auto' leaves PyTorch's
+    choice, except on Hopper GPUs, where cuDNN's attention goes first (reported faster there than flash)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if backend == "auto":
+        if device_type == "cuda" and torch.cuda.get_device_capability()[0] == 9:
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            return sdpa_kernel(order, set_priority=True)
+        return nullcontext()
+    if backend in ("cudnn", "efficient") and device_type != "cuda":
+        fail(f"attention_backend='{backend}' runs on CUDA GPUs only: use auto, flash or math on {device_type}")
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend])
 
 
 def compile_blocker(device_type):

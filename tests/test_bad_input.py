@@ -175,6 +175,10 @@ TRAIN = [
     ('seed too large', ['--seed=99999999999'], 1, 'seed must be in [0, 4294967296)'),
     ('optimizer unknown', ['--optimizer=sgd'], 1, "optimizer='sgd' is unknown: use adamw, adamw8bit or muon"),
     ('muon without a learning_rate', ['--optimizer=muon', '--learning_rate=0.0', '--min_lr=0.0'], 1, 'give learning_rate > 0'),
+    ('compile_mode unknown', ['--compile_mode=fast'], 1, "compile_mode='fast' is unknown: use default, max-autotune"),
+    ('attention_backend unknown', ['--attention_backend=xformers'], 1, "attention_backend='xformers' is unknown"),
+    ('a CUDA-only attention kernel on the CPU', ['--attention_backend=efficient', '--device=cpu'], 1,
+     "attention_backend='efficient' runs on CUDA GPUs only: use auto, flash or math on cpu"),
     ('backend unknown', ['--backend=mpi2'], 1, "backend='mpi2' is unknown"),
     ('init_from unknown', ['--init_from=gpt3'], 1, "init_from='gpt3' is neither scratch, resume"),
     ('dtype unknown', ['--dtype=float64'], 1, "dtype='float64' is unknown"),
@@ -351,6 +355,7 @@ BENCH = [
     ('optimizer unknown', ['--optimizer=lion'], 1, "optimizer='lion' is unknown"),
     ('device unknown', ['--device=npu'], 1, "device='npu' is unknown"),
     ('dtype unknown', ['--dtype=half'], 1, "dtype='half' is unknown"),
+    ('compile_mode unknown', ['--compile_mode=reduce'], 1, "compile_mode='reduce' is unknown"),
 ]
 
 PLAN = [
@@ -425,7 +430,8 @@ def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
 
 FREE_TEXT = {'train.py': {'wandb_project', 'wandb_run_name'}, 'sample.py': {'start', 'out_dir'}}  # any string is valid
 REFUSED_STRINGS = {'out_dir': '', 'dataset': '', 'init_from': 'gpt3', 'device': 'tpu', 'dtype': 'float64',
-                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt', 'lora_targets': 'q_proj'}
+                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt', 'lora_targets': 'q_proj',
+                   'compile_mode': 'turbo', 'attention_backend': 'sage'}
 
 
 def refused_value(name, default, ranges):

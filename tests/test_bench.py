@@ -1,24 +1,40 @@
 """bench.py on a tiny config: one table row and one JSON line with the fields BENCHMARKS.md records."""
 import json
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_inline, run_script
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--compile=False",
+        "--device=cpu", "--bench_warmup=1", "--bench_iters=3", "--dataset=shakespeare_char"]
 
 
-def run_bench(*args):
-    return run_script("bench.py", *args, timeout=120)
+def result_of(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2].startswith("| ") and "n/a" in lines[-2]
+    return json.loads(lines[-1])
 
 
 def test_bench_prints_a_table_row_and_a_json_line_on_cpu():
-    out = run_bench("--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--compile=False",
-                    "--device=cpu", "--bench_warmup=1", "--bench_iters=3", "--dataset=shakespeare_char")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    result = json.loads(lines[-1])
+    result = result_of(run_script("bench.py", *TINY, "--gradient_accumulation_steps=1", timeout=120))
     assert result["bench"] == "gpt" and result["mfu"] == "n/a" and result["timed_iters"] == 3
-    assert result["tokens_per_s"] > 0 and result["ms_per_iter"] > 0 and result["peak_memory_gib"] > 0
+    assert result["tokens_per_s"] > 0 and result["peak_memory_gib"] > 0 and result["trace"] is None
+    assert result["ms_per_iter_min"] <= result["ms_per_iter_median"] <= result["ms_per_iter_max"]
     assert {"date", "device", "torch", "load_average_1m"} <= set(result)
-    assert lines[-2].startswith("| ") and "n/a" in lines[-2]
 
 
-def test_bench_rejects_an_unknown_setting_in_one_line():
-    assert_one_line_error(run_bench("--batch_sise=2"), "error: unknown setting --batch_sise")
+def test_bench_times_whole_iterations_under_torchrun_and_writes_a_trace(tmp_path):
+    out = run_script("bench.py", *TINY, "--gradient_accumulation_steps=4", "--profile=True", "--fused_loss=True",
+                     "--attention_backend=math", torchrun=2, cwd=tmp_path, timeout=180)
+    result = result_of(out)
+    assert out.stdout.count('"bench": "gpt"') == 1  # rank 0 reports for all
+    assert result["processes"] == 2 and result["gradient_accumulation_steps"] == 4
+    # an iteration is 4 micro-batches of 2 x 16 tokens over both processes
+    assert abs(result["tokens_per_s"] * result["ms_per_iter"] / 1000 - 4 * 2 * 16) < 1
+    traces = {p.name.rsplit("_", 1)[1]: p for p in tmp_path.glob("bench_trace_*.json")}
+    assert sorted(traces) == ["rank0.json", "rank1.json"] and result["trace"] == traces["rank0.json"].name
+    assert json.loads(traces["rank0.json"].read_text())["traceEvents"]
+
+
+def test_bench_refuses_a_cuda_only_attention_kernel_on_the_cpu():
+    assert_one_line_error(run_inline("bench.py", "--attention_backend=cudnn", "--device=cpu"),
+                          "attention_backend='cudnn' runs on CUDA GPUs only")

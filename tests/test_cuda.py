@@ -91,14 +91,55 @@ def test_bench_reports_mfu_on_a_known_gpu():
     assert result['tokens_per_s'] > 0 and (isinstance(result['mfu'], float) if known else result['mfu'] == 'n/a')
 
 
-def test_plan_peak_memory_is_within_a_fifth_of_max_memory_allocated():
+@pytest.mark.parametrize('backend', ['flash', 'cudnn', 'efficient', 'math'])
+def test_bench_with_each_attention_kernel(backend):
+    r = run_script('bench.py', '--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=256', '--batch_size=16',
+                   '--gradient_accumulation_steps=1', '--device=cuda', '--dtype=bfloat16', '--compile=False',
+                   f'--attention_backend={backend}', '--bench_warmup=3', '--bench_iters=20', timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout.strip().splitlines()[-2])
+
+
+@pytest.mark.parametrize('mode', ['max-autotune-no-cudagraphs', 'max-autotune'])
+def test_bench_with_each_compile_mode(mode):
+    r = run_script('bench.py', '--n_layer=4', '--n_head=4', '--n_embd=256', '--block_size=256', '--batch_size=16',
+                   '--gradient_accumulation_steps=2', '--device=cuda', '--compile=True', f'--compile_mode={mode}',
+                   '--bench_warmup=3', '--bench_iters=20', timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout.strip().splitlines()[-2])
+
+
+def test_fused_loss_on_the_gpu_gives_the_plain_loss_and_gradients_in_less_memory():
+    from model import GPT, GPTConfig
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=512, vocab_size=50304)).cuda()
+        model.fused_loss = fused
+        x = torch.randint(0, 50304, (8, 512), device='cuda')
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = model(x, x.roll(-1, 1))[1]
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((loss.item(), grads, torch.cuda.max_memory_allocated()))
+    (plain, g_plain, m_plain), (fused, g_fused, m_fused) = results
+    print(f"fused_loss: loss {plain:.5f} -> {fused:.5f}, peak {m_plain / 2**30:.3f} -> {m_fused / 2**30:.3f} GiB")
+    assert abs(plain - fused) < 2e-2 and (g_plain - g_fused).abs().max() < 2e-2 * g_plain.abs().max()
+    assert m_fused < 0.7 * m_plain
+
+
+@pytest.mark.parametrize('fused_loss', [False, True])
+def test_plan_peak_memory_is_within_a_fifth_of_max_memory_allocated(fused_loss):
     import memory
     from model import GPT, GPTConfig
     shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=512, bias=False, vocab_size=50304)
-    predicted = sum(memory.gpt_memory(shape, batch_size=16, world_size=1, dtype='bfloat16').values())
+    predicted = sum(memory.gpt_memory(shape, batch_size=16, world_size=1, dtype='bfloat16', fused_loss=fused_loss).values())
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = GPT(GPTConfig(**{k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')})).cuda()
+    model.fused_loss = fused_loss
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cuda')
     x = torch.randint(0, 50304, (16, 512), device='cuda')
     for _ in range(2):  # the second step has the optimizer state and both batches alive
@@ -108,7 +149,7 @@ def test_plan_peak_memory_is_within_a_fifth_of_max_memory_allocated():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
-    print(f"plan.py peak {predicted / 2**30:.3f} GiB, max_memory_allocated {measured / 2**30:.3f} GiB, "
+    print(f"fused_loss={fused_loss}: plan.py peak {predicted / 2**30:.3f} GiB, max_memory_allocated {measured / 2**30:.3f} GiB, "
           f"ratio {predicted / measured:.3f}")
     assert 0.8 < predicted / measured < 1.25
 

@@ -110,6 +110,27 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize('autocast', [False, True])
+def test_fused_loss_gives_the_plain_loss_and_gradients(monkeypatch, autocast):
+    monkeypatch.setattr('model.LOSS_CHUNK_ROWS', 5)  # 32 positions: six full chunks and a short one
+    idx = torch.randint(0, 50, (2, 16))
+    targets = idx.roll(-1, 1)
+    targets[:, -3:] = -1  # ignored positions count nowhere
+    results = []
+    for fused in (False, True):
+        model = tiny_gpt().train()
+        model.fused_loss = fused
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            loss = model(idx, targets)[1]
+        (2 * loss).backward()  # backward scales the stored gradients, as gradient accumulation's 1/steps does
+        results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    tolerance = 2e-2 if autocast else 1e-5
+    assert torch.allclose(results[0][0], results[1][0], rtol=tolerance)
+    assert torch.allclose(results[0][1], results[1][1], atol=tolerance * results[0][1].abs().max())
+    with torch.no_grad():
+        assert torch.allclose(model(idx, targets)[1], results[1][0], rtol=tolerance)
+
+
 def test_crop_block_size():
     model = tiny_gpt()
     model.crop_block_size(8)

@@ -97,6 +97,29 @@ def test_activation_checkpointing_needs_less_memory():
     assert gpt2_medium_peak(activation_checkpointing=True) < gpt2_medium_peak()
 
 
+def test_the_fused_loss_counts_one_chunk_of_logits_not_all_of_them():
+    shape = memory.gpt_shape(plan.gpt_config([]))  # GPT-2 small, as train.py's defaults
+    plain, fused = (memory.gpt_memory(shape, 8, 1, "float16", fused_loss=f) for f in (False, True))
+    GiB = 2 ** 30
+    assert plain["logits + loss"] > 5 * GiB and fused["logits + loss"] < 0.6 * GiB  # B*T*V at 8 x 1024, or a chunk
+    assert all(plain[k] == fused[k] for k in plain if k not in ("logits + loss", "activations"))
+    config = plan.gpt_config(["--batch_size=8", "--gradient_accumulation_steps=8", "--fused_loss=False"])
+    assert plan.gpt_setups(config)[:2] == [("", {}), ("--fused_loss=True", {"fused_loss": True})]
+    # settings the config has already are not offered again: each way to run it once
+    assert plan.gpt_setups(dict(config, fused_loss=True, activation_checkpointing=True)) == \
+        [("", {}), ("--optimizer=adamw8bit", {"optimizer": "adamw8bit"})]
+
+
+def test_plan_takes_the_largest_micro_batch_that_fits_and_says_what_it_costs(capsys):
+    plan.plan([os.path.join(REPO, "config/finetune_gpt2_medium.py"), "--gpu=A100_80GB", "--gpus=1"])
+    row, line = capsys.readouterr().out.strip().splitlines()[-2:]
+    config = plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")])
+    assert (config["batch_size"], config["gradient_accumulation_steps"]) == (2, 16)
+    # its 32 sequences per step in one micro-step on an 80 GB card
+    assert "`--batch_size=32 --gradient_accumulation_steps=1`" in row
+    assert line.startswith("micro-batch on A100 80GB x 1: 32 in 1 micro-step(s)") and "the config's 2 in 16" in line
+
+
 def test_lora_drops_gradients_and_optimizer_state_to_a_fraction():
     shape = memory.gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
     full = memory.gpt_memory(shape, 2, 1, "bfloat16")
