@@ -83,7 +83,8 @@ def train_class_models(corpus, out, *extra, classes=None):
         folders = classes or json.load(f)["folders"]
     for folder in folders:
         result = run_script("train.py", *TINY, f"--dataset={corpus / 'data' / folder}", f"--out_dir={out / folder}",
-                            "--max_iters=100", "--eval_interval=100", "--learning_rate=3e-3", "--lr_decay_iters=100", *extra)
+                            "--max_iters=100", "--eval_interval=100", "--learning_rate=3e-3", "--lr_decay_iters=100",
+                            "--gradient_accumulation_steps=1", *extra)
         assert result.returncode == 0, result.stderr[-2000:]
     return [str(out / folder) for folder in folders]
 
@@ -117,7 +118,7 @@ def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path
     from conftest import tiny_hf_gpt2
     tiny_hf_gpt2(tmp_path / "base", vocab_size=50257, n_layer=2, n_embd=32, n_positions=32)
     adapters = train_class_models(corpus, tmp_path / "lora", f"--init_from={tmp_path / 'base'}", "--lora_rank=4",
-                                  "--max_iters=10", "--gradient_accumulation_steps=1", "--eval_iters=1")
+                                  "--max_iters=10", "--eval_iters=1")
     result = run_script("classify.py", f"--models={','.join(adapters)}", f"--test={corpus / 'data' / 'test.jsonl'}",
                         "--device=cpu", "--limit=8")
     assert result.returncode == 0, result.stderr[-2000:]

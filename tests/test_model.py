@@ -131,6 +131,16 @@ def test_fused_loss_gives_the_plain_loss_and_gradients(monkeypatch, autocast):
         assert torch.allclose(model(idx, targets)[1], results[1][0], rtol=tolerance)
 
 
+def test_the_cpu_attention_kernels_give_the_same_logits():
+    import utils
+    model, idx = tiny_gpt(), torch.randint(0, 50, (2, 16))
+    logits = []
+    for backend in ('auto', 'flash', 'math'):  # efficient and cudnn run on CUDA only
+        with utils.attention_kernels(backend, 'cpu'), torch.no_grad():
+            logits.append(model(idx)[0])
+    assert all(torch.allclose(logits[0], other, atol=1e-5) for other in logits[1:])
+
+
 def test_crop_block_size():
     model = tiny_gpt()
     model.crop_block_size(8)
