@@ -375,7 +375,9 @@ def fused_cross_entropy(x, weight, targets):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         except ImportError:
             pass
-        else:
+        else:  # its Triton kernels run in their inputs' dtype: give them autocast's, as lm_head's matmul gets
+            if torch.is_autocast_enabled("cuda"):
+                x, weight = (t.to(torch.get_autocast_dtype("cuda")) for t in (x, weight))
             return LigerFusedLinearCrossEntropyLoss(ignore_index=-1)(weight, x, targets)
     return ChunkedCrossEntropy.apply(x, weight, targets)
 
