@@ -415,7 +415,9 @@ def test_bfloat16_on_a_gpu_without_it(char_data, tmp_path):
 def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
     # a config file runs while the script starts: it says so, then waits for our Ctrl-C
     started = tmp_path / 'started'
-    (tmp_path / 'slow_config.py').write_text(f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(60)\n")
+    # short sleeps: a signal the kernel hands to another thread is still acted on within 0.1 s
+    (tmp_path / 'slow_config.py').write_text(f"open({str(started)!r}, 'w').close()\nimport time\n"
+                                             "for _ in range(600):\n    time.sleep(0.1)\n")
     proc = start_script(script, tmp_path / 'slow_config.py')
     assert wait_for(started.exists, 60)
     proc.send_signal(signal.SIGINT)
