@@ -52,7 +52,7 @@ torch.manual_seed(config["seed"] + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-kernels = utils.attention_kernels(config["attention_backend"], device_type)
+kernels = utils.attention_kernels(config["attention_backend"], device_type, config["dropout"])
 kernels.__enter__()  # for the whole run, as in train.py
 
 shape = gpt_shape(config)  # the shape train.py would build (init_from gpt2* sizes, meta.pkl vocab)

@@ -42,6 +42,7 @@ batch_size = 8  # windows scored at once
 stride = 0  # tokens a window moves on for long documents (0: block_size // 2)
 limit = 0  # score the first N test documents only (0: all)
 out = ''  # predictions.jsonl (default: beside the first model's out_dir)
+overwrite = False  # replace an existing --out
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
@@ -57,21 +58,55 @@ if len(model_dirs) < 2 or not test:
     utils.fail("give --models=out-a,out-b,... (a class model each, at least two) and --test=data/<name>/test.jsonl")
 labels = labels or os.path.join(os.path.dirname(test), 'labels.json')
 out = out or os.path.join(os.path.dirname(os.path.normpath(model_dirs[0])), 'predictions.jsonl')
+utils.check_output_file(out, overwrite, '--out', inputs=(test, labels), overwrite_flag='--overwrite=True')
 
 
-def read_json(path, what):
+def read_labels(path):
+    """labels.json of data/prepare_classes.py: class names, their folders and priors, checked."""
     try:
         with open(path, encoding='utf-8') as f:
-            return [json.loads(line) for line in f if line.strip()] if path.endswith('.jsonl') else json.load(f)
+            classes = json.load(f)
     except (OSError, ValueError) as e:
-        utils.fail(f"cannot read {what} {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+        utils.fail(f"cannot read the classes file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+    fix = "run data/prepare_classes.py again, or mend it"
+    if not isinstance(classes, dict) or not all(isinstance(classes.get(k), list) for k in ('names', 'folders', 'priors')):
+        utils.fail(f"{path} is not a labels.json of data/prepare_classes.py (lists of names, folders, priors): {fix}")
+    names, folders, priors = classes['names'], classes['folders'], classes['priors']
+    if not (len(names) == len(folders) == len(priors) >= 2 and all(isinstance(n, str) for n in names + folders)):
+        utils.fail(f"{path}: names and folders must be two or more strings, as many as the priors: {fix}")
+    for name, prior in zip(names, priors):
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0 < prior <= 1:
+            utils.fail(f"{path}: class {name!r} has prior {prior!r}; each prior must be in (0, 1]: {fix}")
+    return classes
 
 
-classes = read_json(labels, 'the classes file')
-documents = read_json(test, 'the test file')[:limit or None]
-if not isinstance(classes, dict) or not {'names', 'folders', 'priors'} <= set(classes):
-    utils.fail(f"{labels} is not a labels.json of data/prepare_classes.py (names, folders, priors)")
-unknown = sorted({d.get('label') for d in documents} - set(classes['names']), key=str)
+def read_test(path):
+    """The test documents: JSON lines of {"text": ..., "label": ...}, each checked."""
+    documents = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    utils.fail(f"{where} is not valid JSON ({e}): the test file holds one JSON object per line, "
+                               "as data/prepare_classes.py writes it")
+                if not (isinstance(record, dict) and isinstance(record.get('text'), str) and 'label' in record):
+                    utils.fail(f'{where} is not a {{"text": "...", "label": ...}} object: fix or remove it')
+                documents.append(record)
+    except (OSError, UnicodeDecodeError) as e:
+        utils.fail(f"cannot read the test file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+    if not documents:
+        utils.fail(f"{path} holds no documents")
+    return documents
+
+
+classes = read_labels(labels)
+documents = read_test(test)[:limit or None]
+unknown = sorted({str(d['label']) for d in documents if d['label'] not in classes['names']})
 if unknown:
     utils.fail(f"{test} has labels that are not classes in {labels}: {unknown[:5]}")
 device, device_type = utils.resolve_device(device)
@@ -79,15 +114,52 @@ dtype = utils.resolve_dtype(dtype, device_type)
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def load_class_model(out_dir, previous):
-    """The model of one class and the class it was trained on (its dataset's last folder). LoRA class
-    models on the same base share the previous one's base: only their adapters are added."""
+def class_of(out_dir):
+    """What a class model's checkpoint says, read before any model is built: (its class, its
+    vocabulary (None: GPT-2's BPE), its block_size)."""
     path = os.path.join(out_dir, checkpoint_name)
-    model, checkpoint = utils.load_gpt(path, "train that class first (see the header of classify.py)", reuse=previous)
+    if not os.path.isfile(path):
+        utils.fail(f"no checkpoint at {path}: train that class first (see the header of classify.py)")
+    checkpoint = utils.load_checkpoint(path, ('model', 'model_args'), mmap=True)
     dataset = os.path.basename(os.path.normpath(str(checkpoint.get('config', {}).get('dataset', ''))))
     if dataset not in classes['folders']:
         utils.fail(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")
-    return model.eval().to(device), classes['folders'].index(dataset)
+    model_args = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
+    if stride > model_args.get('block_size', stride):
+        utils.fail(f"--stride={stride} is above {path}'s block_size {model_args['block_size']}: the tokens between "
+                   f"windows would go unscored; use --stride={model_args['block_size']} or less")
+    return classes['folders'].index(dataset), utils.checkpoint_vocabulary(checkpoint)
+
+
+def check_class_models(model_dirs):
+    """One model per class, all with one vocabulary; returns each one's class and that vocabulary."""
+    found = [(out_dir, *class_of(out_dir)) for out_dir in model_dirs]
+    for i, (out_dir, c, vocabulary) in enumerate(found):
+        if c in [other for _, other, _ in found[:i]]:
+            utils.fail(f"two models for class {classes['names'][c]}: give one per class")
+        if vocabulary != found[0][2]:
+            kind = lambda v: 'GPT-2 BPE' if v is None else f'{len(v)} characters'
+            utils.fail(f"{out_dir} has another vocabulary than {found[0][0]} ({kind(vocabulary)} against "
+                       f"{kind(found[0][2])}): train every class model with one tokenizer")
+    missing = [name for c, name in enumerate(classes['names']) if c not in {c for _, c, _ in found}]
+    if missing:
+        utils.fail(f"no model for class(es) {missing}: give one per class in --models")
+    return [c for _, c, _ in found], found[0][2]
+
+
+def tokenizer(vocabulary, texts):
+    """(encode, decode) of the class models: GPT-2's BPE with <|endoftext|> around each document, as
+    train.bin has them, or their characters (every character of the test documents among them)."""
+    if vocabulary is None:
+        import tiktoken
+        enc = tiktoken.get_encoding('gpt2')
+        return (lambda text: [enc.eot_token] + enc.encode_ordinary(text) + [enc.eot_token]), enc.decode
+    stoi = {character: i for i, character in vocabulary.items()}
+    unseen = sorted(set().union(*texts) - set(stoi))
+    if unseen:
+        utils.fail(f"the test documents hold characters the char-level class models never saw: {unseen[:10]}; "
+                   "train them on data that has every character")
+    return (lambda text: [stoi[character] for character in text]), (lambda ids: ''.join(vocabulary[i] for i in ids))
 
 
 def windows(tokens, block_size, step):
@@ -101,11 +173,10 @@ def windows(tokens, block_size, step):
 
 
 @torch.no_grad()
-def log_likelihoods(model, docs, enc):
+def log_likelihoods(model, docs, encode):
     """Total log-probability of each document under one model, windows batched."""
     step = stride or max(1, model.config.block_size // 2)
-    items = [(i, *w) for i, d in enumerate(docs)
-             for w in windows([enc.eot_token] + enc.encode_ordinary(d) + [enc.eot_token], model.config.block_size, step)]
+    items = [(i, *w) for i, d in enumerate(docs) for w in windows(encode(d), model.config.block_size, step)]
     totals = torch.zeros(len(docs), dtype=torch.float64)
     for first in tqdm(range(0, len(items), batch_size), desc="windows", unit="batch", leave=False):
         batch = items[first:first + batch_size]
@@ -127,11 +198,11 @@ def words(text):
     return re.findall(r"\w+", text.lower())
 
 
-def naive_bayes(test_docs, enc):
+def naive_bayes(test_docs, decode):
     """Multinomial naive Bayes on word counts (Laplace smoothing) of each class's training documents,
     read back from its train.bin; returns the predicted class of each test document."""
     folder = os.path.dirname(labels)
-    counts = [Counter(words(enc.decode(np.fromfile(os.path.join(folder, f, 'train.bin'), dtype=np.uint16).tolist())))
+    counts = [Counter(words(decode(np.fromfile(os.path.join(folder, f, 'train.bin'), dtype=np.uint16).tolist())))
               for f in classes['folders']]
     vocab = {w: i for i, w in enumerate(sorted(set().union(*counts)))}
     table = np.ones((len(counts), len(vocab)))  # + 1: Laplace
@@ -159,35 +230,29 @@ def report(name, truth, predicted):
 
 
 if __name__ == '__main__':
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
     texts, truth = [d['text'] for d in documents], [classes['names'].index(d['label']) for d in documents]
+    model_classes, vocabulary = check_class_models(model_dirs)
+    encode, decode = tokenizer(vocabulary, texts)
     scores = torch.zeros(len(texts), len(classes['names']), dtype=torch.float64)
-    seen = set()
     started = time.time()
     model = None
-    for out_dir in model_dirs:
-        model, c = load_class_model(out_dir, model)  # model: the previous LoRA one, else None
-        if c in seen:
-            utils.fail(f"two models for class {classes['names'][c]}: give one per class")
-        seen.add(c)
+    for out_dir, c in zip(model_dirs, model_classes):
+        path = os.path.join(out_dir, checkpoint_name)  # LoRA models on one base share the previous one's
+        model = utils.load_gpt(path, "train that class first (see the header of classify.py)", reuse=model)[0]
+        model.eval().to(device)
         print(f"scoring {len(texts):,} documents under {out_dir} (class {classes['names'][c]})")
-        scores[:, c] = log_likelihoods(model, texts, enc) + math.log(classes['priors'][c])
+        scores[:, c] = log_likelihoods(model, texts, encode) + math.log(classes['priors'][c])
         if model.lora is None:
             model = None  # one whole model in memory at a time
-    if len(seen) < len(classes['names']):
-        missing = [classes['names'][c] for c in range(len(classes['names'])) if c not in seen]
-        utils.fail(f"no model for class(es) {missing}: give one per class in --models")
     predicted = scores.argmax(dim=1).tolist()
     print(f"{len(texts) / (time.time() - started):.1f} documents/s ({len(texts)} documents x {len(model_dirs)} models)")
     _, matrix = report("generative GPT classifier", truth, predicted)
     report("majority class", truth, [int(np.argmax(classes['priors']))] * len(truth))
-    report("naive Bayes (word counts)", truth, naive_bayes(texts, enc))
+    report("naive Bayes (word counts)", truth, naive_bayes(texts, decode))
     print("confusion matrix (rows: true class, columns: predicted):")
     for name, row in zip(classes['names'], matrix):
         print(f"  {name:>16} " + " ".join(f"{n:>6}" for n in row))
-    with open(out, 'w', encoding='utf-8') as f:
-        for d, p, s in zip(documents, predicted, scores.tolist()):
-            f.write(json.dumps({'label': d['label'], 'predicted': classes['names'][p],
-                                'scores': dict(zip(classes['names'], s))}) + '\n')
+    lines = [json.dumps({'label': d['label'], 'predicted': classes['names'][p], 'scores': dict(zip(classes['names'], s))})
+             + '\n' for d, p, s in zip(documents, predicted, scores.tolist())]
+    utils.write_output_file(out, lambda f: f.write(''.join(lines).encode()), f"the predictions {out}")
     print(f"wrote {out}")

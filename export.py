@@ -10,7 +10,8 @@ $ python train.py --init_from=out-imdb/pos-hf ...           # and back
 The tokenizer is Hugging Face's GPT-2 one when it is in the local cache; otherwise it is built from
 tiktoken's gpt2 ranks (vocab.json and merges.txt), which needs no network when TIKTOKEN_CACHE_DIR
 holds them. A char-level model (its dataset has meta.pkl) exports weights and config only: no
-Hugging Face tokenizer has its vocabulary. Models without biases get zero biases (GPT-2 has them);
+Hugging Face tokenizer has its vocabulary. A killed export's temp folder is removed by the next
+export to the same folder. Models without biases get zero biases (GPT-2 has them);
 a BPE model's padded vocabulary (50304) is cut back to GPT-2's 50257 tokens.
 """
 import signal
@@ -105,28 +106,29 @@ def write_tokenizer(folder):
 
 if __name__ == '__main__':
     from transformers import GPT2Config, GPT2LMHeadModel
+    folder = export_dir or os.path.normpath(out_dir) + '-hf'
+    if os.path.exists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
+        utils.fail(f"{folder} already exists: pass another --export_dir")
+    utils.remove_dead_temps(folder)  # what a killed export to the same folder left behind
     model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
                                        "train one first, or set --out_dir / --checkpoint_name")
     if model.lora is not None:
         gpt_lora.merge(model)  # the adapter folded into the weights it adapts
-    dataset = checkpoint.get('config', {}).get('dataset')
-    char_level = isinstance(dataset, str) and os.path.exists(os.path.join('data', dataset, 'meta.pkl'))
     args = model.config
+    # no GPT-2 tokenizer fits a char-level model, nor a vocabulary smaller than GPT-2's
+    char_level = utils.checkpoint_vocabulary(checkpoint) is not None or args.vocab_size < GPT2_VOCAB
     vocab_size = args.vocab_size if char_level else min(args.vocab_size, GPT2_VOCAB)
     hf_config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
                            n_head=args.n_head, activation_function="gelu_new" if args.gelu == "tanh" else "gelu", tie_word_embeddings=True,
                            bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     hf_model = GPT2LMHeadModel(hf_config)
     hf_model.load_state_dict(hf_state_dict(model, vocab_size), strict=False)  # lm_head is tied to wte
-    folder = export_dir or os.path.normpath(out_dir) + '-hf'
-    if os.path.exists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
-        utils.fail(f"{folder} already exists: pass another --export_dir")
     tmp = utils.temp_path(folder)
     with utils.disk_write(f"the export {folder}", os.path.dirname(os.path.abspath(folder)), then="free disk space",
                           partial=tmp):
         hf_model.save_pretrained(tmp)
-        tokenizer = "none: a char-level model (its vocabulary is data/<dataset>/meta.pkl)" if char_level \
-            else write_tokenizer(tmp)
+        tokenizer = "none: a char-level model (its characters are in the checkpoint and data/<dataset>/meta.pkl)" \
+            if char_level else write_tokenizer(tmp)
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.replace(tmp, folder)

@@ -106,13 +106,13 @@ def vlm_parser():
 
 
 def parse_vlm(argv):
+    from train_ds import RANGES
     args = vlm_parser().parse_args(argv)
     if args.use_4bit and not args.use_lora:
         fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
-    utils.check_ranges(vars(args), {"batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
-                                    "max_length": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
-                                    "epochs": "(0, inf)", "max_steps": "[1, inf)", **PLAN_RANGES},
-                       flag=lambda name: "--" + name.replace("_", "-"))
+    utils.check_ranges(vars(args), {**RANGES, **PLAN_RANGES}, flag=lambda name: "--" + name.replace("_", "-"))
+    if args.max_pixels < args.min_pixels:
+        fail(f"--max-pixels {args.max_pixels} is below --min-pixels {args.min_pixels}: raise it or lower --min-pixels")
     return args
 
 
@@ -404,8 +404,11 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
     """Replace only the text between each pair of plan markers; everything else stays byte for byte."""
     if not os.path.isfile(path):
         fail(f"{path} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {path} ({type(e).__name__}: {e}): give the UTF-8 planning page (docs/PLANNING.md)")
     updated = []
     for name, body in docs_tables().items():
         pattern = re.compile(rf"(<!-- plan:{name} -->\n).*?(<!-- /plan:{name} -->)", re.S)
@@ -415,8 +418,7 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
             updated.append(name)
     if not updated:
         fail(f"{path} has no '<!-- plan:gpt-table -->' ... '<!-- /plan:gpt-table -->' (or vlm-table) markers, each on its own line")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    utils.write_output_file(path, lambda f: f.write(text.encode("utf-8")), f"the planning page {path}")
     print(f"updated {', '.join(updated)} in {path}")
 
 

@@ -13,15 +13,21 @@ import json
 import os
 import sys
 
-from utils import fail
+from utils import check_output_file, fail, write_output_file
 
 
 def read_log(out_dir):
     """The run's log records in order; one line if there is none."""
     path = os.path.join(out_dir, "log.jsonl")
+    records = []
     try:
         with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                record = json.loads(line) if line.strip() else {}
+                if not isinstance(record, dict):
+                    fail(f"{path} line {number} is a JSON {type(record).__name__}, not a record: "
+                         "give the out_dir of a train.py run")
+                records.append(record)
     except FileNotFoundError:
         fail(f"{path} not found: give the out_dir of a train.py run")
     except (OSError, ValueError) as e:
@@ -33,7 +39,8 @@ def read_log(out_dir):
 
 def series(records, key, x):
     """(xs, ys) of the records that have both x and key."""
-    points = [(r[x], r[key]) for r in records if key in r and x in r]
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    points = [(r[x], r[key]) for r in records if number(r.get(key)) and number(r.get(x))]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -45,10 +52,7 @@ def main(argv):
     args = parser.parse_args(argv)
     if not args.out.endswith(".png"):
         fail(f"--out {args.out} must end in .png")
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists: pass another --out, or --overwrite to replace it")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        fail(f"--out {args.out}: its folder does not exist")
+    check_output_file(args.out, args.overwrite, "--out")
     logs = {run: read_log(run) for run in args.runs}
     try:
         import matplotlib
@@ -69,15 +73,7 @@ def main(argv):
     axes[0].set_ylabel("loss")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    temporary = f"{args.out}.tmp{os.getpid()}.png"  # written whole, then renamed: never a half-written PNG
-    try:
-        fig.savefig(temporary, dpi=120)
-        os.replace(temporary, args.out)
-    except OSError as e:
-        fail(f"could not write {args.out} ({e.strerror or e})")
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_output_file(args.out, lambda f: fig.savefig(f, format="png", dpi=120), f"the plot {args.out}")
     print(f"wrote {args.out}: {len(logs)} run(s)")
 
 

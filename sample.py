@@ -61,15 +61,12 @@ torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
 
-# model
-meta_path = None
+# model, and its vocabulary: a char-level model's characters, else (None) GPT-2's BPE
+vocabulary = None
 if init_from == 'resume':
     model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
                                        "train one first, or set --out_dir / --init_from=gpt2")
-    run_config = checkpoint.get('config')
-    dataset = run_config.get('dataset') if isinstance(run_config, dict) else None
-    if isinstance(dataset, str):  # older checkpoints might not have it
-        meta_path = os.path.join('data', dataset, 'meta.pkl')
+    vocabulary = utils.checkpoint_vocabulary(checkpoint)  # plain values only: a meta.pkl can carry code
     del checkpoint  # the weights are in the model now
 else:
     try:
@@ -82,13 +79,9 @@ if compile and not utils.compile_blocker(device_type):
     # generation runs hidden_states once per token; dynamic shapes avoid a recompile per length
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
-# char-level models decode with their dataset's vocabulary, the others with GPT-2's BPE
-if meta_path is not None and os.path.exists(meta_path):
-    print(f"Loading meta from {meta_path}...")
-    meta = utils.load_meta(meta_path)  # plain values only: a pickle can carry code
-    if 'stoi' not in meta:
-        utils.fail(f"{meta_path} has no character vocabulary (stoi/itos): prepare the dataset again")
-    stoi, itos = meta['stoi'], meta['itos']
+if vocabulary is not None:
+    print(f"a character-level model: {len(vocabulary)} characters")
+    itos, stoi = vocabulary, {c: i for i, c in vocabulary.items()}
 
     def encode(s):
         unknown = sorted(set(s) - set(stoi))
@@ -98,9 +91,9 @@ if meta_path is not None and os.path.exists(meta_path):
 
     def decode(ids):
         return ''.join(itos[i] for i in ids)
-    vocab_limit, stop_token = meta['vocab_size'], None  # a model finetuned from GPT-2 has more ids than characters
+    vocab_limit, stop_token = len(itos), None  # a model finetuned from GPT-2 has more ids than characters
 else:
-    print("No meta.pkl found, assuming GPT-2 encodings...")
+    print("GPT-2 BPE encodings")
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
 

@@ -121,7 +121,7 @@ torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-kernels = utils.attention_kernels(attention_backend, device_type)
+kernels = utils.attention_kernels(attention_backend, device_type, dropout)
 kernels.__enter__()  # for the whole run (a global setting, like tf32 above)
 
 # -----------------------------------------------------------------------------
@@ -138,9 +138,10 @@ for split in ('train', 'val'):
         fail(f"{path} has {n_tokens} tokens, fewer than block_size+1={block_size + 1}: "
              "use more data or a smaller --block_size")
 meta_path = os.path.join(data_dir, 'meta.pkl')  # a character vocabulary, if the dataset has one
-meta_vocab_size = None
+meta_vocab_size = vocabulary = None  # vocabulary: id -> character, saved in checkpoints
 if os.path.exists(meta_path):
-    meta_vocab_size = utils.load_meta(meta_path)['vocab_size']  # plain values only: a pickle can carry code
+    meta = utils.load_meta(meta_path)  # plain values only: a pickle can carry code
+    meta_vocab_size, vocabulary = meta['vocab_size'], meta.get('itos')
     say(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
     if largest_token >= meta_vocab_size:
         fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
@@ -202,9 +203,6 @@ elif init_from == 'resume':
         if k in saved:
             (model_args if k in model_args else config)[k] = saved[k]
     block_size = model_args['block_size']  # the checkpoint's, unless given
-    iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
-    elapsed_before = checkpoint.get('elapsed_s', 0.0)
-    evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 else:
     say(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:
@@ -219,6 +217,9 @@ model_args['gelu'] = model.config.gelu  # GPT-2's weights (and our older checkpo
 if block_size < model.config.block_size:  # crop down the model block size if desired
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
+if lora_rank > model.config.n_embd:
+    fail(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a rank that "
+         "high; use a smaller --lora_rank (4 to 64 is usual)")
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
@@ -227,6 +228,24 @@ if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
 if largest_token >= model.config.vocab_size:
     fail(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
          "prepare the data with the model's tokenizer")
+if init_from == 'resume':
+    trained = checkpoint.get('config', {})  # what it was trained with: refuse what cannot continue, note the rest
+    if utils.checkpoint_vocabulary(checkpoint) != vocabulary:
+        fail(f"{data_dir} has another vocabulary than {ckpt_path} was trained on (other characters, or characters "
+             f"against GPT-2's BPE): resume on its dataset ({trained.get('dataset')}), or train a new model elsewhere")
+    if trained.get('optimizer', 'adamw') != optimizer:
+        fail(f"{ckpt_path} was trained with optimizer='{trained.get('optimizer', 'adamw')}', whose state cannot become "
+             f"'{optimizer}'s: resume with --optimizer={trained.get('optimizer', 'adamw')}")
+    if checkpoint['iter_num'] > max_iters and not eval_only:
+        fail(f"{ckpt_path} is at iter {checkpoint['iter_num']}, past max_iters={max_iters}: raise --max_iters to "
+             "train on, or pass --eval_only=True to evaluate it")
+    for k in ('dataset', 'batch_size', 'gradient_accumulation_steps', 'seed'):
+        if k in trained and trained[k] != config[k]:
+            say(f"note: {k}={config[k]!r} where the checkpoint had {trained[k]!r}: the batches from here on are not "
+                "those of an unbroken run")
+    iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
+    elapsed_before = checkpoint.get('elapsed_s', 0.0)
+    evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 model.activation_checkpointing = activation_checkpointing
 model.fused_loss = fused_loss
 model.to(device)
@@ -316,7 +335,7 @@ def save_checkpoint(is_best, previous_iter):
         return iter_num
     weights, lora = gpt_lora.checkpoint_weights(raw_model)  # under LoRA: the adapters and the base's name
     ckpt = {'model': weights, 'lora': lora, 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
-            'model_args': model_args, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'model_args': model_args, 'vocabulary': vocabulary, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
             'config': config, 'rng': rng_states, 'elapsed_s': elapsed_before + time.time() - run_start - compile_s}
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -329,7 +348,7 @@ def save_checkpoint(is_best, previous_iter):
             utils.link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
     except OSError as e:
         fail(f"could not save a checkpoint in {out_dir} ({utils.write_failure(e, out_dir)}); "
-             "the previous one is intact: free disk space and resume")
+             f"the previous one is intact: {utils.what_to_do(e, 'free disk space and resume')}")
     for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[:-keep_last or None]:
         os.remove(old)
     return iter_num
@@ -341,6 +360,8 @@ def get_train_batch(iter_index, micro_step):
 
 
 last_saved_iter = iter_num if init_from == 'resume' else None
+if init_from == 'resume' and iter_num == max_iters and not eval_only:
+    say(f"the checkpoint is at max_iters={max_iters} already: nothing to train (raise --max_iters to go on)")
 if master_process and init_from == 'resume' and not eval_only:  # lines a killed run wrote past its checkpoint
     utils.trim_jsonl(log_path, lambda r: r.get('iter', iter_num) < iter_num or (
         r.get('iter') == iter_num and 'val_loss' in r and last_eval_iter == iter_num))
@@ -365,7 +386,7 @@ while True:
         param_group['lr'] = lr * param_group.get('lr_ratio', 1.0)  # Muon's: muon_learning_rate / learning_rate
 
     # evaluate the loss on train/val sets and write checkpoints
-    if iter_num % eval_interval == 0 and iter_num != last_eval_iter:
+    if iter_num % eval_interval == 0 and iter_num != last_eval_iter or eval_only:
         losses = estimate_loss()
         last_eval_iter = iter_num
         improved = losses['val'] < best_val_loss

@@ -39,7 +39,10 @@ the adapter would be empty). It is written to .tmp-checkpoint-N/, synced, then r
 place: a crash or a full disk mid-save leaves the older ones intact. SIGTERM or Ctrl-C finishes
 the step, saves and exits (with the deepspeed launcher, signal the training processes: it kills
 its children a few seconds after a signal). --resume continues with the same weights, optimizer,
-step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (tested).
+step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (tested). It refuses a
+checkpoint of another --model or of other trainable parts, and notes a changed data order (batch
+size, data, seed, process count). --trust-remote-code comes from the command line only, never from
+a checkpoint's run_args.json.
 """
 
 
@@ -50,6 +53,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import sys
@@ -66,9 +70,9 @@ from transformers import AutoConfig  # noqa: E402
 import hardware  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
 from utils import (append_jsonl, atomic_torch_save, barrier, catch_stop_signals, check_ranges, cosine_lr,  # noqa: E402
-                   disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, resolve_dtype, stop_if_diverged,
-                   temp_path, trim_jsonl)
-from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, save_checkpoint  # noqa: E402
+                   disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, remove_dead_temps, resolve_dtype,
+                   stop_if_diverged, temp_path, trim_jsonl)
+from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, resume_path, save_checkpoint  # noqa: E402
 from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
 from vlm_data import (Batches, eval_indices, load_processor, measure_samples, measures_cache,  # noqa: E402
                       read_samples, save_measures, synthetic_samples, train_indices)
@@ -360,12 +364,17 @@ def plain_engine(args, model, device, dtype):
 
 def loader(samples, indices, order, data, args, device):
     """Batches of samples, encoded in --num-workers processes ahead of the GPU; `order` lists the items.
-    Its own generator: the global RNG (dropout's, saved in checkpoints) must not feed the workers' seeds."""
-    return torch.utils.data.DataLoader(Batches(samples, data.processor, indices, data.dummy_image), batch_size=None,
-                                       sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                       prefetch_factor=4 if args.num_workers else None,
-                                       generator=torch.Generator().manual_seed(args.seed),
-                                       worker_init_fn=functools.partial(start_worker, data.lock and data.lock.fileno()))
+    Its own generator: the global RNG (dropout's, saved in checkpoints) must not feed the workers' seeds.
+    A data error met while encoding (an image that header checks cannot catch: truncated) is its one line."""
+    batches = torch.utils.data.DataLoader(Batches(samples, data.processor, indices, data.dummy_image), batch_size=None,
+                                          sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                          prefetch_factor=4 if args.num_workers else None,
+                                          generator=torch.Generator().manual_seed(args.seed),
+                                          worker_init_fn=functools.partial(start_worker, data.lock and data.lock.fileno()))
+    for batch in batches:
+        if "error" in batch:
+            sys.exit(batch["error"])
+        yield batch
 
 
 def start_worker(lock_fd, worker_id):
@@ -379,8 +388,6 @@ def start_worker(lock_fd, worker_id):
 
 
 def to_device(batch, device):
-    if "error" in batch:  # a data error met in a worker: its one line
-        sys.exit(batch["error"])
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
@@ -556,7 +563,8 @@ def merge_lora(args):
     output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         fail(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
-    remote_code = run.get("trust_remote_code", False)
+    remote_code = args.trust_remote_code  # from this command line only: a checkpoint's files never turn it on
+    remove_dead_temps(output_dir)  # what a killed merge into the same folder left behind
     # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
     # model's own dtype (its config's), so the merged model is as large as the base, not fp32
     dtype = choose_dtype(args) if args.bf16 or args.fp16 or args.fp32 else "auto"
@@ -583,11 +591,15 @@ def checked_samples(args, path, samples, processor):
     return (*measure_samples(path, samples, processor, args.max_length, args.skip_long, log, cache_file), cache_file)
 
 
-def load_data(args, zero3):
+def read_data_files(args):
+    """The samples of --data and --eval-data, their form checked: fast, so before anything else."""
+    files = {"train": None if args.benchmark else args.data, "eval": args.eval_data}
+    return files, {kind: read_samples(path, args.image_folder) for kind, path in files.items() if path}
+
+
+def load_data(args, zero3, files, samples):
     """The training and eval samples, checked, and the processor; then --output-dir is claimed:
     nothing is written there before the data passed its checks."""
-    files = {"train": None if args.benchmark else args.data, "eval": args.eval_data}
-    samples = {kind: read_samples(path, args.image_folder) for kind, path in files.items() if path}  # fast: first
     processor = load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
     checked = {kind: checked_samples(args, files[kind], samples[kind], processor) for kind in samples}
     lock = claim_output_dir(args)  # held while we run (a DataLoader worker closes its copy)
@@ -626,16 +638,24 @@ def main(argv=None):
     ds_config = None if args.no_deepspeed else deepspeed_config(args, dtype)  # DeepSpeed or not: decided here, once
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     check_args(args, zero3, dtype)
+    resume_from = resume_path(args) if args.resume else None
+    files, samples = read_data_files(args)
     device = start_processes(ds_config)
     torch.manual_seed(args.seed)
-    data = load_data(args, zero3)
+    data = load_data(args, zero3, files, samples)
     samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data.train) / samples_per_step))
     log(f"{len(data.train)} training samples, {samples_per_step} per step, {max_steps} steps")
+    saved_step = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(resume_from or "")))
+    if saved_step and int(saved_step.group(1)) > max_steps:
+        fail(f"--resume: {resume_from} is at step {saved_step.group(1)}, past this run's {max_steps} steps: raise "
+             "--max-steps (or --epochs) to train on")
+    if saved_step and int(saved_step.group(1)) == max_steps:
+        log(f"{resume_from} is at step {max_steps}, this run's last: nothing to train (raise --max-steps to go on)")
     if RANK == 0:
         log(vlm_start_line(args, WORLD_SIZE, device, ds_config))  # expected peak memory; warns if it will not fit
     engine = build_engine(args, dtype, device, ds_config, zero3)
-    start_step = resume_checkpoint(args, engine) if args.resume else 0
+    start_step = resume_checkpoint(resume_from, engine) if args.resume else 0
     save_data_measures(args, data)
     timings = train(args, engine, data, device, start_step, max_steps)
     if data.lock:  # free --output-dir now, not when the garbage is collected: another run may follow in this process

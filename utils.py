@@ -169,9 +169,11 @@ COMPILE_MODES = ('default', 'max-autotune', 'max-autotune-no-cudagraphs')
 ATTENTION_BACKENDS = ('auto', 'flash', 'cudnn', 'efficient', 'math')
 
 
-def attention_kernels(backend, device_type):
+def attention_kernels(backend, device_type, dropout=0.0):
     """The context manager that picks scaled_dot_product_attention's kernel. 'auto' leaves PyTorch's
     choice, except on Hopper GPUs, where cuDNN's attention goes first (reported faster there than flash)."""
+    if backend == "flash" and device_type == "cpu" and dropout:
+        fail("attention_backend='flash' on a CPU has no dropout: use auto or math, or --dropout=0")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if backend == "auto":
         if device_type == "cuda" and torch.cuda.get_device_capability()[0] == 9:
@@ -205,7 +207,8 @@ def lock_folder(folder, what="--out_dir"):
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
     except OSError as e:
-        fail(f"{what} '{folder}' is not writable ({e.strerror}): choose another {what}")
+        fail(f"{what} '{folder}' is not writable ({write_failure(e, os.path.dirname(os.path.abspath(folder)))}): "
+             f"choose another {what}")
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are trusted not to collide
@@ -216,10 +219,13 @@ def lock_folder(folder, what="--out_dir"):
         lock.seek(0)
         owner = (lock.read().split() or ["?"])[0]
         fail(f"another run (pid {owner}) is using {what} '{folder}': wait for it to end, or choose another {what}")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")  # unique: other nodes check they see it
-    lock.flush()
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")  # unique: other nodes check they see it
+        lock.flush()
+    except OSError as e:  # a full disk takes even these few bytes
+        fail(f"cannot write in {what} '{folder}' ({write_failure(e, folder)}): {what_to_do(e, 'free disk space')}")
     return lock
 
 
@@ -236,6 +242,31 @@ def remove_stale_temps(folder, final_names):
     for name in os.listdir(folder):
         if pattern.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_temps(path):
+    """What a killed run of ours left beside path: temp_path(path)'s files or folders whose process is
+    gone (a live one may be another run writing the same path). Nothing else."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp(\d+)")
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = pattern.fullmatch(entry)
+        if match and not pid_alive(int(match.group(1))):
+            target = os.path.join(folder, entry)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.remove(target)
 
 
 def claim_out_dir(folder, our_files, new_run, overwrite):
@@ -302,6 +333,26 @@ def atomic_write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def check_output_file(path, overwrite, flag, inputs=(), overwrite_flag="--overwrite"):
+    """A file the user names for a script to write: never one of its inputs, never replaced unless
+    overwrite, in a folder that exists. Checked before any slow work."""
+    if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(path, p) for p in inputs):
+        fail(f"{flag} {path} is one of this run's inputs: choose another {flag}")
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder: give a file name")
+    if os.path.exists(path) and not overwrite:
+        fail(f"{flag} {path} exists: pass another {flag}, or {overwrite_flag} to replace it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        fail(f"{flag} {path}: its folder does not exist")
+
+
+def write_output_file(path, write, what):
+    """write(f) into path atomically (see atomic_write): a full disk is one line and an older file
+    of that name stays whole."""
+    with disk_write(what, os.path.dirname(os.path.abspath(path)), then=f"{path} is as it was: free disk space"):
+        atomic_write(path, write)
+
+
 def link_or_copy(src, dst):
     # a hard link costs no disk; the atomic rename keeps dst whole either way
     tmp = temp_path(dst)
@@ -336,17 +387,33 @@ def disk_write(what, folder, then="the previous checkpoint is intact: free disk 
         if partial:
             shutil.rmtree(partial, ignore_errors=True)
         error = e if isinstance(e, OSError) else OSError(0, (str(e).strip().splitlines() or [type(e).__name__])[0])
-        fail(f"could not save {what} ({write_failure(error, folder)}); {then}")
+        fail(f"could not save {what} ({write_failure(error, folder)}); {what_to_do(error, then)}")
+
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
 
 
 def write_failure(error, folder):
-    """What to tell the user when a save failed: the reason and the disk space left."""
+    """What to tell the user when a save failed: the reason, and the disk space left where the
+    disk may be the cause."""
     reason = error.strerror or str(error)
+    if error.errno in NOT_WRITABLE + TAKEN:
+        return reason
     try:
         free = f", {shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
     except OSError:
         free = ""
     return f"{reason}{free}"
+
+
+def what_to_do(error, then):
+    """The fix for a failed write: `then` (free disk space, the usual cause) unless the error says otherwise."""
+    if error.errno in NOT_WRITABLE:
+        return "the folder is read-only or not yours: fix its permissions, or write somewhere else"
+    if error.errno in TAKEN:
+        return "something else was written there meanwhile (another run?): write somewhere else"
+    return then
 
 
 def fsync_dir(folder):
@@ -554,6 +621,27 @@ def load_meta(path):
                 and max(itos, default=-1) < meta["vocab_size"]):
             fail(f"{path}: 'stoi' and 'itos' must map characters to ids below vocab_size and back: prepare the dataset again")
     return meta
+
+
+def dataset_vocabulary(data_dir):
+    """A dataset's character vocabulary (id -> character) from its meta.pkl, or None (GPT-2 BPE)."""
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(meta_path):
+        return None
+    meta = load_meta(meta_path)
+    if "itos" not in meta:
+        fail(f"{meta_path} has no character vocabulary (stoi/itos): prepare the dataset again")
+    return meta["itos"]
+
+
+def checkpoint_vocabulary(checkpoint):
+    """The character vocabulary a train.py checkpoint was trained with, or None for GPT-2's BPE. Newer
+    checkpoints carry it; an older one is read from its dataset's meta.pkl, where that still is."""
+    if "vocabulary" in checkpoint:
+        return checkpoint["vocabulary"]
+    config = checkpoint.get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset_vocabulary(os.path.join("data", dataset)) if isinstance(dataset, str) else None
 
 
 def token_file_stats(path, scan_tokens=2**28):

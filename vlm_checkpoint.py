@@ -15,6 +15,7 @@ from utils import (atomic_torch_save, barrier, disk_write, fail, fsync_dir, get_
                    remove_stale_temps, set_rng_state)
 
 RANK = int(os.environ.get("RANK", 0))  # from the launcher; rank 0 alone writes the shared files
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 
 
 def log(message):
@@ -87,7 +88,7 @@ def save_checkpoint(step, engine, processor, args):
             engine.model.save_pretrained(tmp, state_dict=weights)
             processor.save_pretrained(tmp)
             with open(os.path.join(tmp, "run_args.json"), "w") as f:
-                json.dump(vars(args), f, indent=2)
+                json.dump(dict(vars(args), world_size=WORLD_SIZE), f, indent=2)
         engine.save_state(tmp, step, trainable)  # optimizer and step: DeepSpeed's files, or trainer_state.pt
         atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{RANK}.pt"))
     barrier()
@@ -108,9 +109,16 @@ def save_checkpoint(step, engine, processor, args):
     barrier()
 
 
-def resume_checkpoint(args, engine):
-    """Load model, optimizer, step and RNG states; returns the step to continue from. The data
-    position and the learning rate are functions of the step, so they follow."""
+# what a resume must share with the run it continues, and what it may change at the cost of the
+# exact data order
+SAME_MODEL = ("use_lora", "use_4bit", "lora_r", "lora_alpha", "lora_target_modules", "vision_lora", "modules_to_save",
+              "train_projector", "train_vision")
+SAME_DATA_ORDER = ("data", "batch_size", "gradient_accumulation_steps", "world_size", "seed")
+
+
+def resume_path(args):
+    """The checkpoint --resume names (or the newest in --output-dir), checked against this run's flags
+    before anything slow: another model or other trainable parts are refused, another data order noted."""
     if args.resume == "latest":
         steps = checkpoint_steps(args.output_dir)
         if not steps:
@@ -120,6 +128,39 @@ def resume_checkpoint(args, engine):
         path = args.resume
     if not os.path.isdir(path):
         fail(f"--resume: checkpoint {path} not found")
+    try:
+        with open(os.path.join(path, "run_args.json"), encoding="utf-8") as f:
+            trained = json.load(f)
+    except (OSError, ValueError):
+        trained = None
+    if not isinstance(trained, dict):
+        fail(f"--resume: {path} is not a checkpoint of train_ds.py (it has no readable run_args.json): "
+             f"give a checkpoint-N folder")
+    if not same_model(trained.get("model"), args.model):
+        fail(f"--resume: {path} was trained from --model {trained.get('model')}, not {args.model}: resume with that "
+             "--model, or start a new run in another --output-dir")
+    now = dict(vars(args), world_size=WORLD_SIZE)
+    for key in SAME_MODEL:
+        if key in trained and trained[key] != now[key]:
+            flag = "--" + key.replace("_", "-")
+            fail(f"--resume: {path} was trained with {flag} {trained[key]}, this run has {now[key]}: resume with "
+                 "the flags it was trained with, or start a new run in another --output-dir")
+    for key in SAME_DATA_ORDER:
+        if key in trained and trained[key] != now[key]:
+            log(f"note: {key.replace('_', ' ')} {now[key]} where {path} had {trained[key]}: the samples from here on "
+                "are not those of an unbroken run")
+    return path
+
+
+def same_model(trained, given):
+    if isinstance(trained, str) and os.path.isdir(trained) and os.path.isdir(given):
+        return os.path.samefile(trained, given)  # one folder, however it is spelled
+    return trained == given
+
+
+def resume_checkpoint(path, engine):
+    """Load model, optimizer, step and RNG states; returns the step to continue from. The data
+    position and the learning rate are functions of the step, so they follow."""
     try:
         step = engine.load_state(path)
     except SystemExit:

@@ -101,6 +101,10 @@ def to_messages(record, where, image_folder):
         if not isinstance(role, str) or role not in ROLES:
             fail(f"{where}: unknown role {role!r} (use human/gpt or user/assistant/system)")
         messages.append({"role": ROLES[role], "content": split_placeholders(turn.get(content_key, ""), where)})
+    speakers = [m["role"] for m in messages if m["role"] != "system"]
+    if speakers and speakers[0] != "user":  # a reply to nothing: chat templates cannot render it
+        fail(f"{where}: the conversation starts with the assistant; it must start with a user (human) turn, "
+             "after an optional system one")
     placeholders = sum(item.get("type") == "image" for m in messages for item in m["content"])
     if placeholders != len(images):
         fail(f"{where}: {placeholders} <image> placeholder(s) but {len(images)} image(s); they must match")
@@ -128,6 +132,8 @@ def read_samples(path, image_folder=None):
     for index, record in enumerate(read_records(path)):
         where = f"{path} record {index}" + (f" (id {record['id']})" if "id" in record else "")
         samples.append((*to_messages(record, where, image_folder), where))
+    if not samples:
+        fail(f"{path} holds no records: give at least one conversation (see the README for the formats)")
     return samples
 
 
@@ -190,6 +196,14 @@ def measure(samples, processor):
     except (AttributeError, NotImplementedError, TypeError):  # a processor without that arithmetic: encode
         return [[len(batch["input_ids"][0]), int((batch["labels"] != -100).sum())]
                 for batch in (encode([sample], processor) for sample in samples)]
+    except ValueError:  # an image the processor refuses (Qwen: an aspect ratio over 200): find which
+        for (_, paths, where), sample_sizes in zip(samples, sizes):
+            for path, size in zip(paths, sample_sizes):
+                try:
+                    processor._get_num_multimodal_tokens(image_sizes=[size])
+                except ValueError as e:
+                    fail(f"{where}: image {path} ({size[1]}x{size[0]}) cannot be used ({first_line(e)}): crop or pad it")
+        raise
     rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
     encoded = processor.tokenizer([text for text, _ in rendered], return_offsets_mapping=True)
     image_id, measures = image_token_id_of(processor), []

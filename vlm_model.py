@@ -115,8 +115,14 @@ def fully_trained_modules(model, args):
 
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
+    targets = lora_targets(model, args)
+    modules = dict(model.named_modules())
+    narrowest = min(min(modules[name].in_features, modules[name].out_features) for name in targets)
+    if args.lora_r > narrowest:
+        fail(f"--lora-r {args.lora_r} is above the narrowest adapted layer's width ({narrowest}): no layer has a rank "
+             "that high; use a smaller --lora-r (8 to 64 is usual)")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=lora_targets(model, args), modules_to_save=fully_trained_modules(model, args))
+                        target_modules=targets, modules_to_save=fully_trained_modules(model, args))
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # a module peft cannot wrap

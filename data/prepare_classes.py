@@ -12,6 +12,8 @@ Writes, under data/<name>/ (or --out-dir):
                                        val is the last --val-fraction of the class's training documents
   test.jsonl                           {"text", "label"} per test document
   labels.json                          the class names, their folders, training counts and priors
+A folder that holds such a dataset is replaced only with --overwrite: then the class folders of its
+labels.json go too (their train.bin and val.bin; nothing else of yours).
 The test split is the dataset's own "test" split, else the last --test-fraction of a shuffle of
 the training documents (seeded). Text and label columns are detected (text/sentence/content/review,
 label/labels/class/category/sentiment) or given. Tokenisation runs on every core.
@@ -20,17 +22,13 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
-DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+from prepare_text import check_fraction, claim_folder, dataset_folder, fail, write_whole
+
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "sentiment")
-
-
-def fail(message):
-    sys.exit(f"error: {message}")
 
 
 def load_splits(source, test_fraction, seed):
@@ -57,7 +55,11 @@ def load_splits(source, test_fraction, seed):
         fail(f"{source} has no 'train' split (it has {', '.join(loaded)})")
     if "test" in loaded:
         return {"train": loaded["train"], "test": loaded["test"]}
-    split = loaded["train"].train_test_split(test_size=test_fraction, seed=seed)
+    try:
+        split = loaded["train"].train_test_split(test_size=test_fraction, seed=seed)
+    except ValueError:  # too few rows to carve out a test split
+        fail(f"{source}: {len(loaded['train'])} row(s) cannot give a train and a --test-fraction {test_fraction} test "
+             "split: give more rows, another --test-fraction, or a dataset with its own test split")
     return {"train": split["train"], "test": split["test"]}
 
 
@@ -116,11 +118,30 @@ def write_class(folder, documents, val_fraction, threads):
     os.makedirs(folder, exist_ok=True)
     n_val = max(1, int(len(documents) * val_fraction))
     for split, docs in (("train", documents[:-n_val] or documents), ("val", documents[-n_val:])):
-        encode(docs, threads).tofile(os.path.join(folder, f"{split}.bin"))
+        write_whole(os.path.join(folder, f"{split}.bin"), encode(docs, threads).tobytes())
+
+
+def remove_previous(out_dir):
+    """With --overwrite: the dataset an earlier run wrote here, by its labels.json (our files only)."""
+    try:
+        with open(os.path.join(out_dir, "labels.json"), encoding="utf-8") as f:
+            folders = json.load(f).get("folders", [])
+    except (OSError, ValueError, AttributeError):
+        folders = []
+    for folder in [os.path.join(out_dir, name) for name in folders if isinstance(name, str) and "/" not in name
+                   and name not in ("", ".", "..")]:
+        for name in ("train.bin", "val.bin"):
+            if os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def prepare(source, out_dir, text=None, label=None, labels=None, val_fraction=0.05, test_fraction=0.1, seed=1337,
-            threads=os.cpu_count()):
+            threads=os.cpu_count(), overwrite=False):
+    check_fraction("--val-fraction", val_fraction)
+    check_fraction("--test-fraction", test_fraction)
+    claim_folder(out_dir, ("labels.json", "test.jsonl"), overwrite)
     splits = load_splits(source, test_fraction, seed)
     train = splits["train"]
     text = pick_column(train, text, TEXT_COLUMNS, "text", "--text")
@@ -136,18 +157,18 @@ def prepare(source, out_dir, text=None, label=None, labels=None, val_fraction=0.
     folders = [folder_name(name) for name in names]
     if len(set(folders)) < len(folders):
         fail(f"the class names {names} give clashing folder names {folders}: rename the labels")
+    remove_previous(out_dir)  # its classes may not be these
     for name, folder in zip(names, folders):
         print(f"{name}: {len(by_class[name]):,} training documents -> {os.path.join(out_dir, folder)}")
         write_class(os.path.join(out_dir, folder), by_class[name], val_fraction, threads)
     test = splits["test"]
     test_names = to_names(test[label], test.features[label], names, f"{source} test")
-    with open(os.path.join(out_dir, "test.jsonl"), "w", encoding="utf-8") as f:
-        for document, name in zip(test[text], test_names):
-            f.write(json.dumps({"text": str(document), "label": name}) + "\n")
+    write_whole(os.path.join(out_dir, "test.jsonl"), "".join(
+        json.dumps({"text": str(document), "label": name}) + "\n" for document, name in zip(test[text], test_names)).encode())
     counts = [len(by_class[name]) for name in names]
-    with open(os.path.join(out_dir, "labels.json"), "w", encoding="utf-8") as f:
-        json.dump({"names": names, "folders": folders, "train_counts": counts,
-                   "priors": [count / sum(counts) for count in counts]}, f, indent=2)
+    write_whole(os.path.join(out_dir, "labels.json"), json.dumps(
+        {"names": names, "folders": folders, "train_counts": counts, "priors": [count / sum(counts) for count in counts]},
+        indent=2).encode())
     print(f"{len(test_names):,} test documents -> {os.path.join(out_dir, 'test.jsonl')}; classes in labels.json")
 
 
@@ -162,10 +183,9 @@ if __name__ == "__main__":
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--test-fraction", type=float, default=0.1, help="when the dataset has no test split")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--overwrite", action="store_true", help="replace the dataset in the output folder if there is one")
     args = parser.parse_args()
-    for flag, value in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
-        if not 0 < value < 1:
-            fail(f"{flag} must be in (0, 1), not {value}")
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0].replace("/", "_")
-    prepare(args.source, args.out_dir or os.path.join(DATA_DIR, name), args.text, args.label, args.labels,
-            args.val_fraction, args.test_fraction, args.seed)
+    out_dir = args.out_dir or dataset_folder(name, elsewhere=": or give --out-dir")
+    prepare(args.source, out_dir, args.text, args.label, args.labels, args.val_fraction, args.test_fraction, args.seed,
+            overwrite=args.overwrite)

@@ -129,6 +129,30 @@ def wait_for(condition, timeout):
     return False
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), where the test may mount one."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}')
+    try:
+        yield disk
+    finally:
+        subprocess.run(['umount', '--lazy', str(disk)], check=True)  # a file still open in this process: detach now
+
+
+def fill_up(disk):
+    with open(disk / 'filler', 'wb') as f:
+        try:
+            while True:
+                f.write(b'\0' * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope='session')
 def char_data(tmp_path_factory):
     """The first 100K characters of tiny Shakespeare as a char-level dataset folder."""

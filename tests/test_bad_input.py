@@ -104,6 +104,11 @@ def bad(finished_run, tmp_path_factory):
         'prompt_not_utf8': str(root / 'prompt.txt'),
         'a_file': str(root / 'a_file'),
         'fresh': str(root / 'fresh'),  # an out_dir with no run in it
+        # the finished run's 61 characters in another order, and the same ids without characters (BPE)
+        'other_chars': write_tokens(root / 'other_chars', [i % 61 for i in range(1000)],
+                                    meta={'vocab_size': 61, 'itos': {i: chr(200 + i) for i in range(61)},
+                                          'stoi': {chr(200 + i): i for i in range(61)}}),
+        'bpe_data': write_tokens(root / 'bpe_data', [i % 61 for i in range(1000)]),
     }
     os.makedirs(paths['hf_no_config'])
     with open(os.path.join(paths['odd_bytes'], 'val.bin'), 'ab') as f:
@@ -217,6 +222,17 @@ TRAIN = [
     ('LoRA base deleted since', ['--init_from=resume', '--out_dir={lora_base_gone}'], 1, 'its base model'),
     ('block_size above the pretrained one', ['--init_from={hf}', '--block_size=64', '--out_dir={fresh}'], 1,
      'block_size=64 is larger than'),
+    ('flash attention with dropout on a CPU', ['--attention_backend=flash', '--dropout=0.1'], 1,
+     "attention_backend='flash' on a CPU has no dropout: use auto or math"),
+    ('lora_rank above the width', ['--init_from={hf}', '--lora_rank=32', '--out_dir={fresh}'], 1,
+     "lora_rank=32 is above the model's width n_embd=16"),
+    ('resume with another optimizer', ['--init_from=resume', '--optimizer=adamw8bit'], 1,
+     "was trained with optimizer='adamw', whose state cannot become 'adamw8bit's: resume with --optimizer=adamw"),
+    ('resume past max_iters', ['--init_from=resume', '--max_iters=1'], 1, 'is at iter 2, past max_iters=1'),
+    ('resume on other characters', ['--init_from=resume', '--dataset={other_chars}'], 1,
+     'has another vocabulary than'),
+    ('resume a char-level model on BPE tokens', ['--init_from=resume', '--dataset={bpe_data}'], 1,
+     'has another vocabulary than'),
 ]
 
 
@@ -242,6 +258,21 @@ def test_train_resume_from_a_damaged_checkpoint(damage, results, char_data, monk
     result = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={results}', '--init_from=resume')
     assert_one_line_error(result, 'is truncated or corrupt')
     assert snapshot(results) == before
+
+
+def test_a_resume_notes_what_changes_and_eval_only_evaluates_the_checkpoint(results, char_data, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    before = snapshot(results)
+    args = [*TINY, f'--dataset={char_data}', f'--out_dir={results}', '--init_from=resume']
+    assert run_inline('train.py', *args, '--max_iters=2') == (0, '')  # already there: says so, trains nothing
+    assert 'at max_iters=2 already: nothing to train' in capsys.readouterr().out
+    assert run_inline('train.py', *args, '--max_iters=1', '--eval_only=True') == (0, '')
+    assert 'step 2: train loss' in capsys.readouterr().out  # evaluated, though the checkpoint came from an eval
+    assert snapshot(results) == before
+    r = run_script('train.py', *args, '--max_iters=3', '--batch_size=2', '--seed=7')
+    assert r.returncode == 0, r.stderr
+    assert 'note: batch_size=2 where the checkpoint had 4: the batches from here on are not those of an unbroken run' \
+        in r.stdout and 'note: seed=7 where the checkpoint had 1337' in r.stdout
 
 
 def test_train_gradient_accumulation_not_divisible_by_processes(char_data, tmp_path, monkeypatch):
@@ -291,7 +322,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_goes_on(cha
     finally:
         first.kill()
     # the lock died with its run: resuming now works
-    third = run_script('train.py', *args, '--init_from=resume', '--max_iters=1')
+    next_iter = torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] + 1
+    third = run_script('train.py', *args, '--init_from=resume', f'--max_iters={next_iter}')
     assert third.returncode == 0, third.stderr
 
 
@@ -336,7 +368,8 @@ def test_sample_refuses(case, finished_run, char_data, bad, monkeypatch):
 
 def test_sample_refuses_a_meta_pkl_that_runs_code(results, tmp_path, bad, monkeypatch):
     ckpt = torch.load(results / 'ckpt.pt', weights_only=True)
-    ckpt['config']['dataset'] = bad['meta_with_code']  # sample.py reads data/<dataset>/meta.pkl
+    ckpt['config']['dataset'] = bad['meta_with_code']  # an older checkpoint: sample.py reads data/<dataset>/meta.pkl
+    del ckpt['vocabulary']
     torch.save(ckpt, results / 'ckpt.pt')
     monkeypatch.chdir(REPO)
     assert_one_line_error(run_inline('sample.py', f'--out_dir={results}', '--device=cpu'), 'only plain values are allowed')
@@ -380,6 +413,10 @@ PLAN = [
     ('vlm: model config not JSON', ['--vlm', '--model', '{hf_bad_json}'], 1, 'config.json cannot be read'),
     ('vlm: not a Qwen2-VL', ['--vlm', '--model', '{hf}'], 1, 'only Qwen2-VL-style models'),
     ('vlm: data not JSON', ['--vlm', '--data', '{not_utf8}'], 1, 'cannot be read'),
+    ('vlm: min pixels above max', ['--vlm', '--min-pixels', '5000', '--max-pixels', '1000'], 1,
+     '--max-pixels 1000 is below --min-pixels 5000'),
+    ('vlm: lora dropout 1', ['--vlm', '--use-lora', '--lora-dropout', '1'], 1, '--lora-dropout must be in [0, 1)'),
+    ('docs file not UTF-8', ['--update-docs', '{not_utf8}'], 1, 'UnicodeDecodeError'),
 ]
 
 
@@ -469,3 +506,38 @@ def test_every_setting_refuses_a_value_outside_its_range(script, name, default, 
     assert_one_line_error((code, message), '')
     shown = value.strip("'")
     assert name in message or (shown and shown in message), message  # it names the setting or the value
+
+
+# -----------------------------------------------------------------------------
+# data/prepare_text.py: nonsense refused before anything is written, a dataset replaced only when asked
+
+PREPARE_TEXT = [
+    ('val fraction above 1', ['--val-fraction', '1.5'], '--val-fraction must be in (0, 1), got 1.5'),
+    ('val fraction negative', ['--val-fraction=-1'], '--val-fraction must be in (0, 1), got -1.0'),
+    ('val fraction nan', ['--val-fraction', 'nan'], '--val-fraction must be in (0, 1), got nan'),
+    ('a name out of data/', ['--name', '../x'], "--name '../x' must be a folder name under data/"),
+    ('an absolute name', ['--name', '/tmp/x'], "--name '/tmp/x' must be a folder name under data/"),
+]
+
+
+@pytest.mark.parametrize('case', PREPARE_TEXT, ids=[c[0] for c in PREPARE_TEXT])
+def test_prepare_text_refuses(case, tmp_path):
+    _, args, words = case
+    (tmp_path / 'a.txt').write_text('some text')
+    assert_one_line_error(run_inline('data/prepare_text.py', tmp_path / 'a.txt', '--name', 'unused', *args), words)
+    assert not os.path.exists(os.path.join(REPO, 'data', 'unused'))
+
+
+def test_prepare_text_replaces_a_dataset_only_when_asked_and_then_only_its_own_files(tmp_path):
+    import prepare_text
+    (tmp_path / 'a.txt').write_text('hello world')
+    (tmp_path / 'empty.txt').write_text('')
+    out = tmp_path / 'ds'
+    with pytest.raises(SystemExit, match='the documents hold no characters'):
+        prepare_text.prepare([str(tmp_path / 'empty.txt')], str(out), char_level=True)
+    prepare_text.prepare([str(tmp_path / 'a.txt')], str(out), char_level=True)
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match='already holds a dataset .train.bin, val.bin, meta.pkl.: pass --overwrite'):
+        prepare_text.prepare([str(tmp_path / 'a.txt')], str(out))
+    prepare_text.prepare([str(tmp_path / 'a.txt')], str(out), overwrite=True)  # BPE now: the char vocabulary goes
+    assert sorted(os.listdir(out)) == ['notes.txt', 'train.bin', 'val.bin']

@@ -75,6 +75,27 @@ def test_prepare_classes_bad_input_is_one_line(corpus, tmp_path):
         assert_one_line_error((code, message), expected)
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(run_inline("data/prepare_classes.py", tmp_path / "notes.txt"), "must be .csv, .jsonl")
+    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--name", "../x"), "must be a folder name under data/")
+    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--out-dir", tmp_path / "out", "--test-fraction",
+                                     "nan"), "--test-fraction must be in (0, 1), got nan")
+    (tmp_path / "one.csv").write_text("text,label\nhello,a\n")
+    assert_one_line_error(run_inline("data/prepare_classes.py", tmp_path / "one.csv", "--out-dir", tmp_path / "out"),
+                          "1 row(s) cannot give a train and a --test-fraction 0.1 test split")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_classes_replaces_a_dataset_only_when_asked_and_then_drops_the_old_classes(corpus, tmp_path):
+    import prepare_classes
+    out = tmp_path / "out"
+    prepare_classes.prepare(str(corpus / "corpus.csv"), str(out))
+    (out / "verse" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="already holds a dataset .labels.json, test.jsonl.: pass --overwrite"):
+        prepare_classes.prepare(str(corpus / "corpus.csv"), str(out), labels="esrev,numbers,verse")
+    two = tmp_path / "two.csv"
+    two.write_text("sentence,category\n" + "".join(f"line {i},{'ab'[i % 2]}\n" for i in range(40)))
+    prepare_classes.prepare(str(two), str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == ["a", "b", "labels.json", "test.jsonl", "verse"]  # verse: the user's file only
+    assert os.listdir(out / "verse") == ["notes.txt"]
 
 
 def train_class_models(corpus, out, *extra, classes=None):
@@ -150,3 +171,75 @@ def test_long_documents_are_scored_in_windows_that_predict_every_token_once():
             assert skip == 0 or skip >= block_size - step  # after the first window: at least that much context
             scored += targets[skip:]
         assert scored == tokens[1:]  # every next-token prediction once, in order
+
+
+def tiny_class_model(out_dir, dataset, vocabulary=None, vocab_size=50304, block_size=16):
+    """A random class model's checkpoint as train.py writes one: for what classify.py checks and computes,
+    not for accuracy."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size, bias=False, dropout=0.0,
+                gelu="exact")
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint = {"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "config": {"dataset": str(dataset)},
+                  "vocabulary": vocabulary}
+    torch.save(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+    return str(out_dir)
+
+
+def test_classify_bad_input_is_one_line_and_leaves_every_file_as_it_was(corpus, tmp_path):
+    data = corpus / "data"
+    labels = json.loads((data / "labels.json").read_text())
+    models = ",".join(tiny_class_model(tmp_path / f, data / f) for f in labels["folders"])
+    with_a_char_model = ",".join([tiny_class_model(tmp_path / "char", data / labels["folders"][0], {0: "a"}, 1),
+                                  *models.split(",")[1:]])
+    files = {"no_text.jsonl": '{"text": "fine", "label": "verse"}\n{"label": "verse"}\n', "a_list.jsonl": '["verse"]\n',
+             "a_dict.json": '{\n  "text": "x", "label": "verse"\n}\n', "mine.jsonl": "my own results",
+             "zero_prior.json": json.dumps(dict(labels, priors=[0.0, 0.5, 0.5]))}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    test = f"--test={data / 'test.jsonl'}"
+    cases = {
+        (test, f"--out={tmp_path / 'mine.jsonl'}"): "mine.jsonl exists: pass another --out, or --overwrite=True",
+        (test, f"--out={data / 'test.jsonl'}", "--overwrite=True"): "test.jsonl is one of this run's inputs",
+        (test, f"--out={tmp_path / 'no' / 'p.jsonl'}"): "p.jsonl: its folder does not exist",
+        (f"--test={tmp_path / 'no_text.jsonl'}", f"--labels={data / 'labels.json'}"):
+            'no_text.jsonl line 2 is not a {"text": "...", "label": ...} object',
+        (f"--test={tmp_path / 'a_list.jsonl'}", f"--labels={data / 'labels.json'}"): "a_list.jsonl line 1 is not a {",
+        (f"--test={tmp_path / 'a_dict.json'}", f"--labels={data / 'labels.json'}"): "a_dict.json line 1 is not valid JSON",
+        (test, f"--labels={tmp_path / 'zero_prior.json'}"): "class 'esrev' has prior 0.0; each prior must be in (0, 1]",
+        (test, "--stride=17"): "--stride=17 is above",
+        (test, f"--models={with_a_char_model}", "--overwrite=True"): "has another vocabulary than",
+    }
+    before = {path: path.read_bytes() for path in [*tmp_path.iterdir(), *data.iterdir()] if path.is_file()}
+    for args, expected in cases.items():
+        assert_one_line_error(run_inline("classify.py", f"--models={models}", "--device=cpu", *args), expected)
+    assert {path: path.read_bytes() for path in before} == before and not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_char_level_class_models_score_each_document_in_their_characters(tmp_path):
+    import torch
+    from model import GPT
+    texts = {"ab": ["abab ab", "ba ab"], "cd": ["cdcd dc", "dc cd"]}
+    vocabulary = dict(enumerate(" \nabcd"))
+    stoi = {c: i for i, c in vocabulary.items()}
+    for name, docs in texts.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        np.array([stoi[c] for c in "\n".join(docs)], dtype=np.uint16).tofile(tmp_path / "data" / name / "train.bin")
+        tiny_class_model(tmp_path / "out" / name, tmp_path / "data" / name, vocabulary, len(vocabulary))
+    (tmp_path / "data" / "labels.json").write_text(json.dumps({"names": ["ab", "cd"], "folders": ["ab", "cd"],
+                                                                "priors": [0.5, 0.5]}))
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps({"text": d, "label": n}) + "\n"
+                                                          for n, docs in texts.items() for d in docs))
+    args = [f"--models={tmp_path / 'out' / 'ab'},{tmp_path / 'out' / 'cd'}", f"--test={tmp_path / 'data' / 'test.jsonl'}",
+            "--device=cpu"]
+    assert run_inline("classify.py", *args) == (0, "")
+    predictions = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    model = GPT.from_checkpoint(torch.load(tmp_path / "out" / "ab" / "ckpt.pt", weights_only=True)).eval()
+    ids = torch.tensor([[stoi[c] for c in texts["ab"][0]]])  # no <|endoftext|> around char-level documents
+    with torch.no_grad():
+        expected = -model(ids[:, :-1], ids[:, 1:])[1].item() * (ids.shape[1] - 1) + np.log(0.5)  # the mean loss, summed
+    assert len(predictions) == 4 and abs(predictions[0]["scores"]["ab"] - expected) < 1e-4
+    assert run_inline("classify.py", *args)[1].endswith("--overwrite=True to replace it")
+    assert run_inline("classify.py", *args, "--overwrite=True") == (0, "")

@@ -8,7 +8,7 @@ from conftest import run_inline
 from model import GPT, GPTConfig
 
 
-def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh"):
+def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh", **entries):
     torch.manual_seed(0)
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, bias=bias, dropout=0.0, gelu=gelu)
     model = GPT(GPTConfig(**args))
@@ -17,7 +17,7 @@ def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh"):
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1 if name.endswith("ln_1.weight") else 0))
     os.makedirs(folder, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}},
+    torch.save({"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}, **entries},
                os.path.join(folder, "ckpt.pt"))
     return model.eval()
 
@@ -49,3 +49,22 @@ def test_a_char_level_model_exports_weights_and_says_it_has_no_tokenizer(tmp_pat
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors"]
     assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}") == \
         (1, f"error: {tmp_path / 'hf'} already exists: pass another --export_dir")
+
+
+@pytest.mark.parametrize("entries", [{"vocabulary": {i: chr(97 + i) for i in range(20)}}, {}], ids=["new", "older"])
+def test_a_char_level_model_gets_no_gpt2_tokenizer_wherever_its_dataset_is(tmp_path, entries):
+    # the checkpoint names a dataset that is not there from here: it says its own characters (new), or its
+    # vocabulary is too small for GPT-2's tokens (older checkpoints)
+    write_checkpoint(tmp_path / "run", 20, "some/other/place", bias=False, **entries)
+    assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
+    assert sorted(os.listdir(tmp_path / "run-hf")) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_an_export_removes_what_a_killed_export_to_the_same_folder_left_and_nothing_else(tmp_path):
+    write_checkpoint(tmp_path / "run", 20, "nowhere", bias=False)
+    dead, alive, users = (tmp_path / name for name in (".run-hf.tmp4999999", f".run-hf.tmp{os.getppid()}", ".run-hf.tmp"))
+    for folder in (dead, alive, users):  # pid 4999999 is above Linux's largest: never running
+        folder.mkdir()
+        (folder / "config.json").write_text("half written")
+    assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
+    assert not dead.exists() and alive.exists() and users.exists()

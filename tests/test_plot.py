@@ -42,11 +42,14 @@ def test_plot_bad_input_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "log.jsonl").write_text("")
     (tmp_path / "mine.png").write_text("the user's own file")
+    (tmp_path / "numbers").mkdir()
+    (tmp_path / "numbers" / "log.jsonl").write_text('{"iter": 0, "loss": 1.0}\n42\n')
     cases = {(tmp_path / "nowhere",): "log.jsonl not found: give the out_dir of a train.py run",
              (tmp_path / "empty",): "has no losses yet",
              (run, "--out", tmp_path / "mine.png"): "mine.png exists: pass another --out, or --overwrite",
              (run, "--out", tmp_path / "plot.jpg"): "must end in .png",
-             (run, "--out", tmp_path / "no" / "plot.png"): "its folder does not exist"}
+             (run, "--out", tmp_path / "no" / "plot.png"): "its folder does not exist",
+             (tmp_path / "numbers",): "log.jsonl line 2 is a JSON int, not a record"}
     for args, expected in cases.items():
         assert_one_line_error(run_inline("plot.py", *args), expected)
     assert (tmp_path / "mine.png").read_text() == "the user's own file"

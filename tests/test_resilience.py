@@ -1,5 +1,6 @@
 """Interrupted runs: kill -9 at any moment, SIGTERM/SIGINT, non-finite losses, a dying DDP rank,
 and a failed write never cost more than the last checkpoint interval or corrupt a checkpoint."""
+import errno
 import glob
 import os
 import random
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from conftest import TINY, kill_one_torchrun_worker, read_log, run_script, start_script, wait_for
+from conftest import TINY, assert_one_line_error, fill_up, kill_one_torchrun_worker, read_log, run_script, start_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
 KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
@@ -116,20 +117,6 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), where the test may mount one."""
-    disk = tmp_path / 'disk'
-    disk.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f'cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}')
-    try:
-        yield disk
-    finally:
-        subprocess.run(['umount', str(disk)], check=True)
-
-
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_log(small_disk, char_data):
     # ~105K parameters: a 1.3 MB checkpoint fits once on the 2 MiB disk, but not beside a second one
     out = small_disk / 'out'
@@ -142,15 +129,37 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_log(small_dis
     files = ['.lock', 'best.pt', 'ckpt-0000002.pt', 'ckpt.pt', 'log.jsonl']  # ckpt-* is a hard link: no space
     assert sorted(os.listdir(out)) == files  # and no temp file left
     log = (out / 'log.jsonl').read_text()
-    # now not a byte free: resuming must rewrite the log, and cannot
-    with open(small_disk / 'filler', 'wb') as f:
-        try:
-            while True:
-                f.write(b'\0' * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fill_up(small_disk)  # now not a byte free: resuming must rewrite the log, and cannot
     r = run_script('train.py', *args, '--max_iters=4', '--init_from=resume')
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f'error: could not rewrite {out / "log.jsonl"}')
     assert sorted(os.listdir(out)) == files and (out / 'log.jsonl').read_text() == log
+
+
+@pytest.mark.parametrize('error, advice', [
+    (errno.ENOSPC, 'free disk space'), (errno.EROFS, 'the folder is read-only or not yours'),
+    (errno.EACCES, 'the folder is read-only or not yours'), (errno.ENOTEMPTY, 'something else was written there')])
+def test_a_failed_write_says_what_to_do_for_its_cause(error, advice, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        with utils.disk_write('the export x', str(tmp_path), then='free disk space'):
+            raise OSError(error, os.strerror(error))
+    assert str(exit_info.value.code).startswith(f'error: could not save the export x ({os.strerror(error)}')
+    assert advice in exit_info.value.code
+    assert ('MiB free' in exit_info.value.code) == (error == errno.ENOSPC)  # space left, where space is the cause
+
+
+def test_a_new_run_into_a_full_disk_is_one_line(small_disk, char_data):
+    fill_up(small_disk)
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={small_disk / "out"}', '--max_iters=2')
+    assert_one_line_error(r, f"cannot write in --out_dir '{small_disk / 'out'}' (No space left on device")
+
+
+def test_an_output_file_on_a_full_disk_is_one_line_and_the_old_one_stays_whole(small_disk):
+    old = small_disk / 'predictions.jsonl'
+    old.write_text('the results of an earlier run\n' * 1000)
+    fill_up(small_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        utils.write_output_file(str(old), lambda f: f.write(b'new results\n' * 100000), f'the predictions {old}')
+    assert_one_line_error((1, exit_info.value.code), 'No space left on device')
+    assert old.read_text() == 'the results of an earlier run\n' * 1000
+    assert sorted(os.listdir(small_disk)) == ['filler', 'predictions.jsonl']  # no temp file left

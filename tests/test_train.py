@@ -58,8 +58,8 @@ def test_sample_from_a_hugging_face_folder_with_a_file_prompt(tmp_path):
     r = run_script('sample.py', f'--init_from={tmp_path / "hf"}', f'--start=FILE:{tmp_path / "prompt.txt"}',
                    '--num_samples=1', '--max_new_tokens=5', '--device=cpu')
     assert r.returncode == 0, r.stderr
-    assert 'No meta.pkl found, assuming GPT-2 encodings' in r.stdout
-    assert r.stdout.split('encodings...\n')[1].startswith('To be, or not to be')
+    assert 'GPT-2 BPE encodings' in r.stdout
+    assert r.stdout.split('GPT-2 BPE encodings\n')[1].startswith('To be, or not to be')
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ import train_ds
 import vlm_checkpoint
 import vlm_data
 import vlm_model
-from conftest import (REPO, assert_one_line_error, command, free_port, kill_one_torchrun_worker, read_log,
+from conftest import (REPO, assert_one_line_error, command, fill_up, free_port, kill_one_torchrun_worker, read_log,
                       run_script, start_script, wait_for)
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
 
@@ -253,6 +254,8 @@ BAD_DATA = {  # name: (records after two good ones, what the error line must say
     "messages is an object": ([{"messages": {"role": "user", "content": "q"}}], "'messages' must be a list"),
     "content list of strings": ([{"messages": [{"role": "user", "content": ["q"]}]}], "a content list holds only"),
     "decompression bomb": ([{"image": "big.png", "conversations": QA}], "too large to decode safely"),
+    "starts with the assistant": ([{"image": GOOD_IMAGE, "conversations": [QA[1], *QA]}], "starts with the assistant"),
+    "extreme aspect ratio": ([{"image": "wide.png", "conversations": QA}], "wide.png (1000x4) cannot be used"),
 }
 
 
@@ -265,6 +268,7 @@ def test_bad_data_stops_with_one_line_naming_file_and_record(work, tmp_path, mon
     (data_dir / "broken.png").write_bytes(b"not a png at all")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 56 * 56)  # PIL refuses over twice that: big.png stands in for a bomb
     Image.new("RGB", (100, 100)).save(data_dir / "big.png")
+    Image.new("RGB", (1000, 4)).save(data_dir / "wide.png")  # Qwen's processor takes ratios up to 200
     good = json.load(open(work["train"]))[:2]
     path = write_data(data_dir, good + records)  # the bad record is record 2
     output_dir = tmp_path / "out"
@@ -318,8 +322,14 @@ def test_an_output_dir_with_checkpoints_is_never_trained_over(work, tmp_path):
     base = [*work["args"], "--output-dir", str(tmp_path / "out"), "--no-deepspeed", "--use-lora"]
     (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
     assert "already holds checkpoints; pass --resume" in error_of(base)
-    assert "cannot load" in error_of([*base, "--resume"])  # an empty checkpoint folder
-    assert sorted(os.listdir(tmp_path / "out")) == [".lock", "checkpoint-3"]
+    assert "is not a checkpoint of train_ds.py" in error_of([*base, "--resume"])  # an empty checkpoint folder
+    assert os.listdir(tmp_path / "out") == ["checkpoint-3"]  # refused before anything was written
+
+
+def test_a_new_run_into_a_full_disk_is_one_line(work, small_disk):
+    fill_up(small_disk)
+    message = error_of([*work["args"], "--no-deepspeed", "--use-lora", "--output-dir", str(small_disk / "out")])
+    assert f"cannot write in --output-dir '{small_disk / 'out'}' (No space left on device" in message
 
 
 def test_no_deepspeed_under_a_launcher_of_several_processes_is_refused(work, tmp_path, monkeypatch):
@@ -381,6 +391,8 @@ BAD_FLAGS = [  # (flags added to a good command line, exit code, what the one er
     (["--data", "{tmp}/bad-line.jsonl"], 1, "bad-line.jsonl line 2 is not valid JSON"),
     (["--data", "{tmp}/numbers.json"], 1, "numbers.json record 0 is a JSON int, not an object"),
     (["--deepspeed", "{tmp}/list.json"], 1, "a DeepSpeed config is a JSON object"),
+    (["--data", "{tmp}/empty.json"], 1, "empty.json holds no records"),
+    (["--eval-data", "{tmp}/empty.jsonl"], 1, "empty.jsonl holds no records"),
 ]
 
 
@@ -391,6 +403,8 @@ def write_bad_files(folder):
     (folder / "bad-line.jsonl").write_text('{"messages": []}\n{"messages": [\n')
     (folder / "numbers.json").write_text("[1, 2]")
     (folder / "list.json").write_text("[]")
+    (folder / "empty.json").write_text("[]")
+    (folder / "empty.jsonl").write_text("\n")
 
 
 @pytest.mark.parametrize("extra, code, expected", BAD_FLAGS, ids=[" ".join(extra) for extra, _, _ in BAD_FLAGS])
@@ -410,6 +424,7 @@ def test_bad_flags_stop_with_one_line_before_anything_is_written(work, tmp_path,
     (["--lora-target-modules", "visual"], "--lora-target-modules visual: no linear layer of that name"),  # a tower
     (["--lora-target-modules", "qkv"], "no linear layer of that name in the language model"),  # a vision layer's name
     (["--modules-to-save", "no_such_module"], "--modules-to-save no_such_module: "),  # peft would ignore it
+    (["--lora-r", "100"], "--lora-r 100 is above the narrowest adapted layer's width (32)"),
 ])
 def test_lora_settings_peft_cannot_apply_are_one_line(work, tmp_path, extra, expected):
     output_dir = tmp_path / "out"
@@ -484,13 +499,47 @@ def test_loader_workers_give_the_same_losses_as_none(lora_run, tmp_path):
 def test_a_data_error_met_in_a_loader_worker_stops_with_its_one_line(work, tmp_path):
     samples = vlm_data.read_samples(work["train"])
     samples[0] = (samples[0][0], [str(tmp_path / "gone.png")], "record 0")  # deleted after validation
-    dataset = vlm_data.Batches(samples, qwen_processor(work), lambda i: [i], dummy_image=False)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[1, 0], num_workers=1))
-    assert train_ds.to_device(next(batches), torch.device("cpu"))["input_ids"].shape[0] == 1
+    data = SimpleNamespace(processor=qwen_processor(work), dummy_image=False, lock=None)
+    batches = train_ds.loader(samples, lambda i: [i], [1, 0], data, SimpleNamespace(num_workers=1, seed=0), torch.device("cpu"))
+    assert next(batches)["input_ids"].shape[0] == 1
     with pytest.raises(SystemExit) as exit_info:
-        train_ds.to_device(next(batches), torch.device("cpu"))
+        next(batches)
     assert_one_line_error((1, str(exit_info.value.code)), "error: record 0: image")
     assert "gone.png not found" in str(exit_info.value.code)
+
+
+def test_an_image_that_fails_to_decode_in_training_is_one_line(work, tmp_path):
+    # a truncated PNG: its header (all the data check reads) is whole, its pixels are not
+    png = (work["root"] / "demo" / "images" / "00000.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
+    data = write_data(tmp_path, [{"image": "cut.png", "conversations": QA}])
+    message = error_of([*work["args"], "--data", data, "--no-deepspeed", "--use-lora", "--num-workers", "0",
+                        "--output-dir", str(tmp_path / "out")])
+    assert "record 0: image" in message and "cut.png is unreadable" in message
+    assert not glob.glob(str(tmp_path / "out" / "checkpoint-*"))
+
+
+def test_a_resume_refuses_another_model_or_adapter_and_notes_another_data_order(work, lora_run, tmp_path, capsys):
+    args, output_dir = lora_run
+    resume = ["--resume", os.path.join(output_dir, "checkpoint-8"), "--output-dir", str(tmp_path / "new")]
+    llava = [a if a != work["qwen"] else work["llava"] for a in args]
+    assert f"was trained from --model {work['qwen']}, not {work['llava']}" in error_of([*llava, *resume])
+    assert "was trained with --lora-r 16, this run has 8" in error_of([*args, *resume, "--lora-r", "8"])
+    message = error_of([*args, *resume, "--batch-size", "1", "--max-steps", "4"])  # noted, then refused: past the end
+    assert "is at step 8, past this run's 4 steps: raise --max-steps" in message
+    assert "note: batch size 1 where" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "new") == [".lock"]  # nothing written
+
+
+def test_merging_never_trusts_remote_code_because_a_checkpoint_says_so(work, lora_run, tmp_path, monkeypatch):
+    checkpoint = shutil.copytree(os.path.join(lora_run[1], "checkpoint-8"), tmp_path / "checkpoint")
+    run_args = json.loads((checkpoint / "run_args.json").read_text())
+    (checkpoint / "run_args.json").write_text(json.dumps(dict(run_args, trust_remote_code=True)))
+    asked = []
+    monkeypatch.setattr(train_ds, "from_pretrained", lambda path, **kwargs: asked.append(kwargs) or sys.exit("stop"))
+    with pytest.raises(SystemExit):
+        train_ds.main(["--merge-lora", str(checkpoint)])
+    assert asked[0]["trust_remote_code"] is False
 
 
 def test_checkpoints_keep_the_base_models_padding_side(work, lora_run):
