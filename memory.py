@@ -1,7 +1,8 @@
 """
 Bytes and FLOPs of a training step, from explicit numbers: what plan.py tabulates and what train.py
-and train_ds.py print in one line at start-up. Plain functions; nothing here reads BENCHMARKS.md,
-the README or another script's source.
+and train_ds.py print in one line at start-up. Plain functions; only gpt_shape and vlm_arch read
+files (a model's config, a dataset's meta.pkl) to find the sizes; nothing reads BENCHMARKS.md, the
+README or another script's source.
 
 Bytes are those of the tensors alive at the peak of a step (what torch.cuda.max_memory_allocated
 reports), by component; needed_bytes adds the workspace a GPU must also hold. Eager-mode
@@ -11,11 +12,16 @@ import json
 import math
 import os
 
+import torch
+
+import hardware
+import utils
+from model import GPT, LOSS_CHUNK_ROWS, PRETRAINED
+
 GiB = 1024 ** 3
 # memory a run needs beyond its tensors: CUDA context + cuBLAS workspace, NCCL buffers with >1 GPU,
 # and the caching allocator's fragmentation (a fraction of the tensor peak). An allowance, not measured.
 CONTEXT_BYTES, NCCL_BYTES, FRAGMENTATION = 0.6 * GiB, 0.4 * GiB, 0.05
-LOSS_CHUNK_ROWS = 1024  # model.ChunkedCrossEntropy's positions per chunk: 1024 x 50304 float32 logits = 196 MiB
 
 
 def needed_bytes(memory, world_size):
@@ -52,8 +58,6 @@ def gpt_shape(config, model_args=None):
     """n_layer, n_head, n_embd, vocab_size, block_size, bias as train.py will build them from its
     settings (a pretrained name, a Hugging Face folder, or scratch with the dataset's meta.pkl);
     model_args, when given, are the sizes train.py did build."""
-    import utils
-    from model import GPT, PRETRAINED
     shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
     shape["vocab_size"] = 50304
     init_from = config["init_from"]
@@ -337,10 +341,8 @@ def start_line(memory, world_size, device, per_step, hint):
     """'plan: peak ~X GiB of tensors per process, <per_step>', plus a warning line when the run will
     not fit the CUDA GPU it is on (hint: what to try instead)."""
     line = f"plan: peak ~{sum(memory.values()) / GiB:.2f} GiB of tensors per process, {per_step}"
-    import torch
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return line
-    import hardware
     need, gpu_memory = needed_bytes(memory, world_size), torch.cuda.get_device_properties(device).total_memory
     if need <= gpu_memory:
         return line
@@ -352,7 +354,6 @@ def start_line(memory, world_size, device, per_step, hint):
 def gpt_start_line(config, world_size, device, model_args=None):
     """train.py's start-up line. config: its settings (global gradient_accumulation_steps);
     model_args: the sizes it built."""
-    import utils
     shape = gpt_shape(config, model_args)
     dtype = utils.resolve_dtype("auto", str(device).split(":")[0]) if config["dtype"] == "auto" else config["dtype"]
     memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],

@@ -15,7 +15,6 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import hardware
-from memory import LOSS_CHUNK_ROWS  # plan.py counts the loss's memory with it
 
 PRETRAINED = {  # the OpenAI checkpoints: n_layer, n_head, n_embd
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -380,6 +379,9 @@ def fused_cross_entropy(x, weight, targets):
                 x, weight = (t.to(torch.get_autocast_dtype("cuda")) for t in (x, weight))
             return LigerFusedLinearCrossEntropyLoss(ignore_index=-1)(weight, x, targets)
     return ChunkedCrossEntropy.apply(x, weight, targets)
+
+
+LOSS_CHUNK_ROWS = 1024  # positions per chunk: 1024 x 50304 float32 logits = 196 MiB (memory.py counts it)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -23,6 +23,9 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
+import gpt_lora
+from model import PRETRAINED
+
 
 def fail(message):
     """A mistake the user can fix: one line on stderr naming it and the fix, exit 1, no traceback.
@@ -71,8 +74,6 @@ TRAIN_RANGES = {  # train.py's numeric settings; bench.py and plan.py take the s
 
 def check_train_settings(config):
     """train.py's settings, alone and together: one line for the first one that cannot work."""
-    import gpt_lora
-    from model import PRETRAINED
     check_ranges(config, TRAIN_RANGES)
     c = config
     if c['n_embd'] % c['n_head']:
@@ -582,7 +583,6 @@ def load_gpt(path, hint, reuse=None):
     """The GPT in a train.py checkpoint, and the checkpoint: read onto the CPU memory-mapped, so its
     optimizer state is never read. One line (ending in hint: what to do) when there is none. A LoRA
     checkpoint on the base of `reuse` adds its adapter to that model (see gpt_lora.load)."""
-    import gpt_lora
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}: {hint}")
     checkpoint = load_checkpoint(path, ('model', 'model_args'), mmap=True)

@@ -1,0 +1,46 @@
+"""The shape of the code: imports run one way (none in a circle, lazy ones included), and what
+bench.py and plan.py read of train.py's settings is what train.py runs with."""
+import ast
+import os
+
+from conftest import REPO, run_inline
+
+MODULES = sorted(name[:-3] for name in os.listdir(REPO) if name.endswith('.py'))
+
+
+def imports_of(module):
+    """The repo's modules that `module` imports anywhere in its source (inside functions too)."""
+    with open(os.path.join(REPO, f'{module}.py'), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+    names = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    return names & set(MODULES) - {module}
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {module: imports_of(module) for module in MODULES}
+
+    def cycle_from(module, path):
+        if module in path:
+            return path[path.index(module):] + [module]
+        for other in sorted(graph[module]):
+            found = cycle_from(other, path + [module])
+            if found:
+                return found
+        return None
+    cycles = [cycle_from(module, []) for module in MODULES]
+    assert not any(cycles), ' -> '.join(next(c for c in cycles if c))
+
+
+def test_the_bottom_modules_import_nothing_above_them():
+    assert imports_of('configurator') == set() and imports_of('hardware') == set()
+    assert imports_of('model') == {'hardware'} and imports_of('gpt_lora') == {'model'}
+
+
+def test_what_bench_and_plan_read_of_train_py_is_what_it_runs_with(capsys, monkeypatch):
+    from configurator import read_defaults
+    monkeypatch.chdir(REPO)
+    assert run_inline('train.py', '--help') == (0, '')  # prints the settings train.py built, then exits
+    lines = capsys.readouterr().out.split('settings (set with a config file or --key=value):\n')[1].splitlines()
+    running = dict((key.strip().lstrip('-'), ast.literal_eval(value)) for key, value in (line.split('=', 1) for line in lines))
+    assert read_defaults(os.path.join(REPO, 'train.py')) == running
