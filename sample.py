@@ -30,7 +30,7 @@ stop_at_eot = True  # GPT-2 BPE models: end a sample at <|endoftext|>
 seed = 1337
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
-compile = False  # use PyTorch 2.0 to compile the model to be faster
+compile = False  # torch.compile the forward pass: faster tokens after a compile
 # -----------------------------------------------------------------------------
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 try:

@@ -16,6 +16,9 @@ every rank reads the checkpoint on resume (checked at start-up).
 Checkpoints are written atomically and hold every RNG state, so `--init_from=resume` continues
 exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly. A run locks its
 out_dir, and refuses one that holds another run's files unless told to resume or overwrite.
+
+Two departures from nanoGPT's API: model(X, Y) returns (None, loss), not the logits (they never
+exist with the fused loss), and the optimizer object is `optim` (`optimizer` is the setting's name).
 """
 import signal
 import sys
@@ -63,7 +66,7 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
-bias = False  # do we use bias inside LayerNorm and Linear layers?
+bias = False  # biases in LayerNorms and Linears (GPT-2's weights have them, and bring them along)
 activation_checkpointing = False  # recompute activations in backward: much less memory, ~30% slower
 fused_loss = True  # the head and the loss a chunk of positions at a time: no (B, T, vocab) logits, no slower
 # LoRA (peft): train low-rank adapters on the frozen weights of init_from=gpt2*; checkpoints hold only them
@@ -91,7 +94,7 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 backend = 'nccl'  # DDP backend on GPUs; CPUs always use 'gloo'
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
-compile = True  # use PyTorch 2.0 to compile the model to be faster
+compile = True  # torch.compile the model: faster iterations after a compile of about a minute
 compile_mode = 'default'  # or 'max-autotune' (with CUDA graphs), 'max-autotune-no-cudagraphs': longer compiles
 attention_backend = 'auto'  # SDPA's kernel: 'auto' (cuDNN first on Hopper), 'flash', 'cudnn', 'efficient', 'math'
 seed = 1337
