@@ -29,30 +29,26 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import utils
-from configurator import ConfigError, configure, read_defaults
-from memory import gpt_shape
+import runtime
+from configurator import UserError, check_ranges, settings
+from gpt_settings import check_train_settings, gpt_shape, train_defaults
 from model import GPT, GPTConfig
 
-config = read_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
-config.update(bench_warmup=3, bench_iters=10, profile=False)  # untimed iterations, timed ones, a trace of them
-try:
-    configure(sys.argv[1:], config)
-except ConfigError as e:
-    utils.fail(str(e))
-utils.check_train_settings(config)
-utils.check_ranges(config, {"bench_warmup": "[0, inf)", "bench_iters": "[1, inf)"})
+# train.py's settings, and bench's own: untimed iterations, timed ones, a trace of them
+config, _ = settings(dict(train_defaults(), bench_warmup=3, bench_iters=10, profile=False))
+check_train_settings(config)
+check_ranges(config, {"bench_warmup": "[0, inf)", "bench_iters": "[1, inf)"})
 
 # -----------------------------------------------------------------------------
-device, device_type = utils.resolve_device(config["device"])
-dtype = utils.resolve_dtype(config["dtype"], device_type)
+device, device_type = runtime.resolve_device(config["device"])
+dtype = runtime.resolve_dtype(config["dtype"], device_type)
 rank, local_rank, world_size, device, accumulation = \
-    utils.start_ddp(device, device_type, config["backend"], config["gradient_accumulation_steps"])
+    runtime.start_ddp(device, device_type, config["backend"], config["gradient_accumulation_steps"])
 torch.manual_seed(config["seed"] + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-kernels = utils.attention_kernels(config["attention_backend"], device_type, config["dropout"])
+ctx = runtime.autocast(device_type, dtype)
+kernels = runtime.attention_kernels(config["attention_backend"], device_type, config["dropout"])
 kernels.__enter__()  # for the whole run, as in train.py
 
 shape = gpt_shape(config)  # the shape train.py would build (init_from gpt2* sizes, meta.pkl vocab)
@@ -67,10 +63,10 @@ with open(os.devnull, "w") as quiet, torch.no_grad():  # configure_optimizers pr
                                                (config["beta1"], config["beta2"]), device_type, config["optimizer"],
                                                config["muon_learning_rate"], config["muon_momentum"])
     except ImportError:
-        utils.fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
+        raise UserError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
     finally:
         sys.stdout = stdout
-blocker = config["compile"] and utils.compile_blocker(device_type)
+blocker = config["compile"] and runtime.compile_blocker(device_type)
 if blocker and rank == 0:
     print(f"torch.compile cannot run here ({blocker}): timing eager")
 step_model = model
@@ -148,7 +144,7 @@ if rank == 0:
     else:
         import platform
         device_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    peak_memory = utils.peak_memory_gib(device)
+    peak_memory = runtime.peak_memory_gib(device)
     load = os.getloadavg()
     result = {
         "bench": "gpt", "date": datetime.date.today().isoformat(), "device": device_name, "torch": torch.__version__,

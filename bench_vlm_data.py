@@ -58,7 +58,7 @@ def timed(work, count):
 
 full, full_rate = timed(lambda: [vlm_data.encode([sample], processor) for sample in samples[:args.full_samples]],
                         args.full_samples)
-check = lambda: vlm_data.measure_samples("bench", samples, processor, 10 ** 9, False, print, cache_file)
+check = lambda: vlm_data.measure_samples("bench", samples, processor, 10 ** 9, False, cache_file)
 (_, _, measures), headers_rate = timed(check, args.samples)
 vlm_data.save_measures(cache_file, measures)
 _, cached_rate = timed(check, args.samples)

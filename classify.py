@@ -16,22 +16,24 @@ each class adds only its adapter.
 """
 import signal
 import sys
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
+if __name__ == '__main__':  # Ctrl-C at any time: one line, no traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))
 import json  # noqa: E402
 import math
 import os
 import re
 import time
 from collections import Counter
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import utils
-from configurator import ConfigError, configure
+import files
+import gpt_checkpoint
+import runtime
+from configurator import UserError, check_ranges, settings
 
 # -----------------------------------------------------------------------------
 models = ''  # comma-separated out_dirs of train.py, one class model each
@@ -46,19 +48,6 @@ overwrite = False  # replace an existing --out
 device = 'auto'
 dtype = 'auto'
 # -----------------------------------------------------------------------------
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-try:
-    configure(sys.argv[1:], config)
-except ConfigError as e:
-    utils.fail(str(e))
-globals().update(config)
-utils.check_ranges(config, {'batch_size': '[1, inf)', 'stride': '[0, inf)', 'limit': '[0, inf)'})
-model_dirs = [path for path in models.split(',') if path]
-if len(model_dirs) < 2 or not test:
-    utils.fail("give --models=out-a,out-b,... (a class model each, at least two) and --test=data/<name>/test.jsonl")
-labels = labels or os.path.join(os.path.dirname(test), 'labels.json')
-out = out or os.path.join(os.path.dirname(os.path.normpath(model_dirs[0])), 'predictions.jsonl')
-utils.check_output_file(out, overwrite, '--out', inputs=(test, labels), overwrite_flag='--overwrite=True')
 
 
 def read_labels(path):
@@ -67,16 +56,16 @@ def read_labels(path):
         with open(path, encoding='utf-8') as f:
             classes = json.load(f)
     except (OSError, ValueError) as e:
-        utils.fail(f"cannot read the classes file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+        raise UserError(f"cannot read the classes file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
     fix = "run data/prepare_classes.py again, or mend it"
     if not isinstance(classes, dict) or not all(isinstance(classes.get(k), list) for k in ('names', 'folders', 'priors')):
-        utils.fail(f"{path} is not a labels.json of data/prepare_classes.py (lists of names, folders, priors): {fix}")
+        raise UserError(f"{path} is not a labels.json of data/prepare_classes.py (lists of names, folders, priors): {fix}")
     names, folders, priors = classes['names'], classes['folders'], classes['priors']
     if not (len(names) == len(folders) == len(priors) >= 2 and all(isinstance(n, str) for n in names + folders)):
-        utils.fail(f"{path}: names and folders must be two or more strings, as many as the priors: {fix}")
+        raise UserError(f"{path}: names and folders must be two or more strings, as many as the priors: {fix}")
     for name, prior in zip(names, priors):
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0 < prior <= 1:
-            utils.fail(f"{path}: class {name!r} has prior {prior!r}; each prior must be in (0, 1]: {fix}")
+            raise UserError(f"{path}: class {name!r} has prior {prior!r}; each prior must be in (0, 1]: {fix}")
     return classes
 
 
@@ -92,26 +81,16 @@ def read_test(path):
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    utils.fail(f"{where} is not valid JSON ({e}): the test file holds one JSON object per line, "
+                    raise UserError(f"{where} is not valid JSON ({e}): the test file holds one JSON object per line, "
                                "as data/prepare_classes.py writes it")
                 if not (isinstance(record, dict) and isinstance(record.get('text'), str) and 'label' in record):
-                    utils.fail(f'{where} is not a {{"text": "...", "label": ...}} object: fix or remove it')
+                    raise UserError(f'{where} is not a {{"text": "...", "label": ...}} object: fix or remove it')
                 documents.append(record)
     except (OSError, UnicodeDecodeError) as e:
-        utils.fail(f"cannot read the test file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+        raise UserError(f"cannot read the test file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
     if not documents:
-        utils.fail(f"{path} holds no documents")
+        raise UserError(f"{path} holds no documents")
     return documents
-
-
-classes = read_labels(labels)
-documents = read_test(test)[:limit or None]
-unknown = sorted({str(d['label']) for d in documents if d['label'] not in classes['names']})
-if unknown:
-    utils.fail(f"{test} has labels that are not classes in {labels}: {unknown[:5]}")
-device, device_type = utils.resolve_device(device)
-dtype = utils.resolve_dtype(dtype, device_type)
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def class_of(out_dir):
@@ -119,16 +98,16 @@ def class_of(out_dir):
     vocabulary (None: GPT-2's BPE), its block_size)."""
     path = os.path.join(out_dir, checkpoint_name)
     if not os.path.isfile(path):
-        utils.fail(f"no checkpoint at {path}: train that class first (see the header of classify.py)")
-    checkpoint = utils.load_checkpoint(path, ('model', 'model_args'), mmap=True)
+        raise UserError(f"no checkpoint at {path}: train that class first (see the header of classify.py)")
+    checkpoint = gpt_checkpoint.load_checkpoint(path, ('model', 'model_args'), mmap=True)
     dataset = os.path.basename(os.path.normpath(str(checkpoint.get('config', {}).get('dataset', ''))))
     if dataset not in classes['folders']:
-        utils.fail(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")
+        raise UserError(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")
     model_args = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
     if stride > model_args.get('block_size', stride):
-        utils.fail(f"--stride={stride} is above {path}'s block_size {model_args['block_size']}: the tokens between "
+        raise UserError(f"--stride={stride} is above {path}'s block_size {model_args['block_size']}: the tokens between "
                    f"windows would go unscored; use --stride={model_args['block_size']} or less")
-    return classes['folders'].index(dataset), utils.checkpoint_vocabulary(checkpoint)
+    return classes['folders'].index(dataset), gpt_checkpoint.checkpoint_vocabulary(checkpoint)
 
 
 def check_class_models(model_dirs):
@@ -136,14 +115,14 @@ def check_class_models(model_dirs):
     found = [(out_dir, *class_of(out_dir)) for out_dir in model_dirs]
     for i, (out_dir, c, vocabulary) in enumerate(found):
         if c in [other for _, other, _ in found[:i]]:
-            utils.fail(f"two models for class {classes['names'][c]}: give one per class")
+            raise UserError(f"two models for class {classes['names'][c]}: give one per class")
         if vocabulary != found[0][2]:
             kind = lambda v: 'GPT-2 BPE' if v is None else f'{len(v)} characters'
-            utils.fail(f"{out_dir} has another vocabulary than {found[0][0]} ({kind(vocabulary)} against "
+            raise UserError(f"{out_dir} has another vocabulary than {found[0][0]} ({kind(vocabulary)} against "
                        f"{kind(found[0][2])}): train every class model with one tokenizer")
     missing = [name for c, name in enumerate(classes['names']) if c not in {c for _, c, _ in found}]
     if missing:
-        utils.fail(f"no model for class(es) {missing}: give one per class in --models")
+        raise UserError(f"no model for class(es) {missing}: give one per class in --models")
     return [c for _, c, _ in found], found[0][2]
 
 
@@ -157,7 +136,7 @@ def tokenizer(vocabulary, texts):
     stoi = {character: i for i, character in vocabulary.items()}
     unseen = sorted(set().union(*texts) - set(stoi))
     if unseen:
-        utils.fail(f"the test documents hold characters the char-level class models never saw: {unseen[:10]}; "
+        raise UserError(f"the test documents hold characters the char-level class models never saw: {unseen[:10]}; "
                    "train them on data that has every character")
     return (lambda text: [stoi[character] for character in text]), (lambda ids: ''.join(vocabulary[i] for i in ids))
 
@@ -229,7 +208,23 @@ def report(name, truth, predicted):
     return accuracy, matrix
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # importing this file (the tests do) runs nothing
+    config, _ = settings(globals())  # config files and --key=value; a UserError is one line from here
+    check_ranges(config, {'batch_size': '[1, inf)', 'stride': '[0, inf)', 'limit': '[0, inf)'})
+    model_dirs = [path for path in models.split(',') if path]
+    if len(model_dirs) < 2 or not test:
+        raise UserError("give --models=out-a,out-b,... (a class model each, at least two) and --test=data/<name>/test.jsonl")
+    labels = labels or os.path.join(os.path.dirname(test), 'labels.json')
+    out = out or os.path.join(os.path.dirname(os.path.normpath(model_dirs[0])), 'predictions.jsonl')
+    files.check_output_file(out, overwrite, '--out', inputs=(test, labels), overwrite_flag='--overwrite=True')
+    classes = read_labels(labels)
+    documents = read_test(test)[:limit or None]
+    unknown = sorted({str(d['label']) for d in documents if d['label'] not in classes['names']})
+    if unknown:
+        raise UserError(f"{test} has labels that are not classes in {labels}: {unknown[:5]}")
+    device, device_type = runtime.resolve_device(device)
+    dtype = runtime.resolve_dtype(dtype, device_type)
+    ctx = runtime.autocast(device_type, dtype)
     texts, truth = [d['text'] for d in documents], [classes['names'].index(d['label']) for d in documents]
     model_classes, vocabulary = check_class_models(model_dirs)
     encode, decode = tokenizer(vocabulary, texts)
@@ -238,7 +233,7 @@ if __name__ == '__main__':
     model = None
     for out_dir, c in zip(model_dirs, model_classes):
         path = os.path.join(out_dir, checkpoint_name)  # LoRA models on one base share the previous one's
-        model = utils.load_gpt(path, "train that class first (see the header of classify.py)", reuse=model)[0]
+        model = gpt_checkpoint.load_gpt(path, "train that class first (see the header of classify.py)", reuse=model)[0]
         model.eval().to(device)
         print(f"scoring {len(texts):,} documents under {out_dir} (class {classes['names'][c]})")
         scores[:, c] = log_likelihoods(model, texts, encode) + math.log(classes['priors'][c])
@@ -254,5 +249,5 @@ if __name__ == '__main__':
         print(f"  {name:>16} " + " ".join(f"{n:>6}" for n in row))
     lines = [json.dumps({'label': d['label'], 'predicted': classes['names'][p], 'scores': dict(zip(classes['names'], s))})
              + '\n' for d, p, s in zip(documents, predicted, scores.tolist())]
-    utils.write_output_file(out, lambda f: f.write(''.join(lines).encode()), f"the predictions {out}")
+    files.write_output_file(out, lambda f: f.write(''.join(lines).encode()), f"the predictions {out}")
     print(f"wrote {out}")

@@ -1,20 +1,54 @@
 """
-Poor man's configurator, as in nanoGPT, but strict. Used by train.py, sample.py and plan.py:
+Poor man's configurator, as in nanoGPT, but strict. Used by every script:
 
     python train.py config/override_file.py --batch_size=32
 
 A bare argument is a Python file exec'd over the script's settings (config files are code: run only
 ones you trust). `--key=value` sets one setting; the value is read with ast.literal_eval (never
 evaluated as code) and must have the default's type (an int where a float is expected is fine).
-Unknown keys, wrong types and missing files raise ConfigError with one line that says the fix.
+Unknown keys, wrong types and missing files raise UserError with one line that says the fix.
+
+UserError is the one exception for a mistake a user can fix, wherever it is raised: each script turns
+it into its one line on stderr (one_line_errors), never a traceback. A script's preamble is one call:
+
+    config, explicit_keys = settings(globals())  # config files and --key=value over the globals above
 """
 import ast
 import difflib
 import os
+import re
+import sys
 
 
-class ConfigError(Exception):
-    pass
+class UserError(Exception):
+    """A mistake the user can fix: its message names the problem and the fix, in one line."""
+
+
+def one_line_errors():
+    """From here on an uncaught UserError ends the process with 'error: <message>' on stderr and exit
+    status 1, not a traceback. Under DDP only rank 0 says it; the other ranks exit quietly."""
+    previous = sys.excepthook
+    if getattr(previous, "one_line_errors", False):  # installed already (a test runs many scripts in one process)
+        return
+
+    def hook(kind, error, traceback):
+        if not issubclass(kind, UserError):
+            return previous(kind, error, traceback)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+    hook.one_line_errors = True
+    sys.excepthook = hook
+
+
+def settings(namespace, argv=None):
+    """A script's preamble: its settings (the plain int, float, bool and str globals in namespace), with
+    the config files and --key=value of argv (default sys.argv) applied and written back into namespace.
+    Returns (the settings as a dict, the keys the user set). UserError is one line from here on."""
+    one_line_errors()
+    config = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    explicit_keys = configure(sys.argv[1:] if argv is None else argv, config)
+    namespace.update(config)
+    return config, explicit_keys
 
 
 def configure(args, config):
@@ -31,7 +65,7 @@ def configure(args, config):
             continue
         key, sep, raw = arg[2:].partition("=")
         if not sep:
-            raise ConfigError(f"'{arg}' has no value: write --{key}=VALUE")
+            raise UserError(f"'{arg}' has no value: write --{key}=VALUE")
         check_key(key, config, f"--{key}")
         config[key] = parse_value(key, raw, config[key])
         print(f"Overriding: {key} = {config[key]!r}")
@@ -41,20 +75,20 @@ def configure(args, config):
 
 def apply_file(path, config):
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' not found (settings go as --key=value, files as a path)")
+        raise UserError(f"config file '{path}' not found (settings go as --key=value, files as a path)")
     print(f"Overriding config with {path}:")
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not UTF-8 text: save it as UTF-8") from None
+        raise UserError(f"config file '{path}' is not UTF-8 text: save it as UTF-8") from None
     print(source)
     namespace = dict(config)
     try:
         tree = ast.parse(source, path)
         exec(compile(tree, path, "exec"), namespace)
     except Exception as e:
-        raise ConfigError(f"config file '{path}' failed: {type(e).__name__}: {e}") from None
+        raise UserError(f"config file '{path}' failed: {type(e).__name__}: {e}") from None
     assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     changed = set()
     for key in sorted(assigned):
@@ -72,7 +106,7 @@ def check_key(key, config, where):
     if key not in config:
         close = difflib.get_close_matches(key, list(config), n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see the settings at the top of the script"
-        raise ConfigError(f"unknown setting {where}{hint}")
+        raise UserError(f"unknown setting {where}{hint}")
 
 
 def parse_value(key, raw, default):
@@ -91,7 +125,7 @@ def check_type(key, value, default, where):
         return
     if type(default) is float and type(value) is int:
         return
-    raise ConfigError(f"{where}: {key} must be {type(default).__name__} like the default {default!r}, "
+    raise UserError(f"{where}: {key} must be {type(default).__name__} like the default {default!r}, "
                       f"got {type(value).__name__} {value!r}")
 
 
@@ -109,3 +143,28 @@ def read_defaults(script_path):
         elif defaults:
             break
     return defaults
+
+
+# -----------------------------------------------------------------------------
+# ranges: every numeric setting's valid values, checked once before any expensive step
+
+INTERVAL = re.compile(r"([\[(])\s*(-?[\w.]+)\s*,\s*(-?[\w.]+)\s*([\])])")
+
+
+def in_interval(value, interval):
+    """Is value a number in an interval written as in maths: '[1, inf)', '(0, 1]', '[0, 1)'?
+    (NaN and infinities fail every comparison that matters, so they are out.)"""
+    left, low, high, right = INTERVAL.fullmatch(interval).groups()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high = float(low), float(high)
+    return (value >= low if left == "[" else value > low) and (value <= high if right == "]" else value < high)
+
+
+def check_ranges(values, ranges, flag=lambda name: name):
+    """UserError for the first setting outside its interval. ranges: name -> '[1, inf)' etc.; a value of
+    None passes (it means 'off'). flag turns a name into what the user typed (--keep-last)."""
+    for name, interval in ranges.items():
+        value = values[name]
+        if value is not None and not in_interval(value, interval):
+            raise UserError(f"{flag(name)} must be in {interval}, got {value!r}")

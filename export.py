@@ -22,21 +22,17 @@ import os
 
 import torch
 
+import files
+import gpt_checkpoint
 import gpt_lora
-import utils
-from configurator import ConfigError, configure
+from configurator import UserError, settings
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # the train.py run to export
 checkpoint_name = 'ckpt.pt'  # or best.pt
 export_dir = ''  # default: <out_dir>-hf
 # -----------------------------------------------------------------------------
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-try:
-    configure(sys.argv[1:], config)
-except ConfigError as e:
-    utils.fail(str(e))
-globals().update(config)
+config, _ = settings(globals())  # config files and --key=value; a UserError is one line from here
 GPT2_VOCAB = 50257
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF's Conv1D
 
@@ -108,23 +104,23 @@ if __name__ == '__main__':
     from transformers import GPT2Config, GPT2LMHeadModel
     folder = export_dir or os.path.normpath(out_dir) + '-hf'
     if os.path.exists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
-        utils.fail(f"{folder} already exists: pass another --export_dir")
-    utils.remove_dead_temps(folder)  # what a killed export to the same folder left behind
-    model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
-                                       "train one first, or set --out_dir / --checkpoint_name")
+        raise UserError(f"{folder} already exists: pass another --export_dir")
+    files.remove_dead_temps(folder)  # what a killed export to the same folder left behind
+    model, checkpoint = gpt_checkpoint.load_gpt(os.path.join(out_dir, checkpoint_name),
+                                                "train one first, or set --out_dir / --checkpoint_name")
     if model.lora is not None:
         gpt_lora.merge(model)  # the adapter folded into the weights it adapts
     args = model.config
     # no GPT-2 tokenizer fits a char-level model, nor a vocabulary smaller than GPT-2's
-    char_level = utils.checkpoint_vocabulary(checkpoint) is not None or args.vocab_size < GPT2_VOCAB
+    char_level = gpt_checkpoint.checkpoint_vocabulary(checkpoint) is not None or args.vocab_size < GPT2_VOCAB
     vocab_size = args.vocab_size if char_level else min(args.vocab_size, GPT2_VOCAB)
     hf_config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
                            n_head=args.n_head, activation_function="gelu_new" if args.gelu == "tanh" else "gelu", tie_word_embeddings=True,
                            bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     hf_model = GPT2LMHeadModel(hf_config)
     hf_model.load_state_dict(hf_state_dict(model, vocab_size), strict=False)  # lm_head is tied to wte
-    tmp = utils.temp_path(folder)
-    with utils.disk_write(f"the export {folder}", os.path.dirname(os.path.abspath(folder)), then="free disk space",
+    tmp = files.temp_path(folder)
+    with files.disk_write(f"the export {folder}", os.path.dirname(os.path.abspath(folder)), then="free disk space",
                           partial=tmp):
         hf_model.save_pretrained(tmp)
         tokenizer = "none: a char-level model (its characters are in the checkpoint and data/<dataset>/meta.pkl)" \

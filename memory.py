@@ -1,8 +1,8 @@
 """
 Bytes and FLOPs of a training step, from explicit numbers: what plan.py tabulates and what train.py
-and train_ds.py print in one line at start-up. Plain functions; only gpt_shape and vlm_arch read
-files (a model's config, a dataset's meta.pkl) to find the sizes; nothing reads BENCHMARKS.md, the
-README or another script's source.
+and train_ds.py print in one line at start-up. Plain functions; only vlm_arch reads a file (a
+model's config) to find the sizes; nothing reads BENCHMARKS.md, the README or another script's source.
+(The GPT's sizes from train.py's settings: gpt_settings.gpt_shape.)
 
 Bytes are those of the tensors alive at the peak of a step (what torch.cuda.max_memory_allocated
 reports), by component; needed_bytes adds the workspace a GPU must also hold. Eager-mode
@@ -15,8 +15,7 @@ import os
 import torch
 
 import hardware
-import utils
-from model import GPT, LOSS_CHUNK_ROWS, PRETRAINED
+from model import LOSS_CHUNK_ROWS
 
 GiB = 1024 ** 3
 # memory a run needs beyond its tensors: CUDA context + cuBLAS workspace, NCCL buffers with >1 GPU,
@@ -53,29 +52,6 @@ def nf4_bytes(numel):
 
 # -----------------------------------------------------------------------------
 # GPT (model.GPT as train.py builds it)
-
-def gpt_shape(config, model_args=None):
-    """n_layer, n_head, n_embd, vocab_size, block_size, bias as train.py will build them from its
-    settings (a pretrained name, a Hugging Face folder, or scratch with the dataset's meta.pkl);
-    model_args, when given, are the sizes train.py did build."""
-    shape = {k: config[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
-    shape["vocab_size"] = 50304
-    init_from = config["init_from"]
-    if init_from in PRETRAINED:
-        shape.update(PRETRAINED[init_from], vocab_size=50257, bias=True)
-    elif os.path.isdir(init_from):
-        try:
-            hf = GPT.hf_config_args(init_from)
-        except ValueError as e:
-            utils.fail(str(e))
-        shape.update({k: hf[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}, bias=True)
-    else:
-        meta = os.path.join("data", config["dataset"], "meta.pkl")
-        if init_from == "scratch" and os.path.exists(meta):
-            shape["vocab_size"] = utils.load_meta(meta)["vocab_size"]
-    shape.update({k: model_args[k] for k in shape if model_args and model_args.get(k) is not None})
-    return shape
-
 
 def gpt_params(shape):
     """Parameter tensors of model.GPT as (numel, is_matmul_weight); wte is tied to lm_head."""
@@ -351,11 +327,9 @@ def start_line(memory, world_size, device, per_step, hint):
             f"has {gpu_memory / GiB:.1f} GiB: it will likely run out of memory; {hint} (python plan.py ... shows what fits)")
 
 
-def gpt_start_line(config, world_size, device, model_args=None):
-    """train.py's start-up line. config: its settings (global gradient_accumulation_steps);
-    model_args: the sizes it built."""
-    shape = gpt_shape(config, model_args)
-    dtype = utils.resolve_dtype("auto", str(device).split(":")[0]) if config["dtype"] == "auto" else config["dtype"]
+def gpt_start_line(config, world_size, device, shape, dtype):
+    """train.py's start-up line. config: its settings (global gradient_accumulation_steps); shape: the
+    sizes it built (n_layer, n_head, n_embd, vocab_size, block_size, bias); dtype: the one it runs in."""
     memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],
                         config["activation_checkpointing"], config["dropout"], *gpt_lora_settings(config),
                         config["fused_loss"])

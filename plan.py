@@ -26,11 +26,15 @@ import re
 import statistics
 import sys
 
+import files
 import hardware
-import utils
-from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_lora_settings, gpt_memory, gpt_params, gpt_shape,
+from configurator import UserError, check_ranges, configure, one_line_errors
+from gpt_settings import check_train_settings, gpt_shape, train_defaults
+from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_lora_settings, gpt_memory, gpt_params,
                     needed_bytes, vlm_arch, vlm_flops_per_sample, vlm_memory, vlm_params, vlm_step,
                     zero_settings)
+from training import human_time
+from vlm_settings import RANGES, build_parser, check_flags, one_line, read_deepspeed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
@@ -56,22 +60,16 @@ DOCS_GPUS = ["T4", "V100", "RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "R
              "RTX 5090", "A6000", "L4", "A100 40GB", "A100 80GB", "H100", "H200"]
 PLAN_RANGES = {"gpus": "[1, inf)", "price": "[0, inf)", "mfu": "(0, 1]"}  # plan's own options
 
-fail = utils.fail
-
 
 # -----------------------------------------------------------------------------
 # reading the arguments: GPT mode takes train.py's settings, VLM mode train_ds.py's flags
 
 def gpt_config(argv):
     """train.py's defaults with config files and --key=value applied (printing silenced)."""
-    from configurator import ConfigError, configure, read_defaults
-    config = read_defaults(os.path.join(ROOT, "train.py"))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            configure(argv, config)
-    except ConfigError as e:
-        fail(str(e))
-    utils.check_train_settings(config)
+    config = train_defaults()
+    with contextlib.redirect_stdout(io.StringIO()):
+        configure(argv, config)
+    check_train_settings(config)
     return config
 
 
@@ -84,19 +82,18 @@ def split_plan_options(argv):
             try:
                 options[key] = value.replace("_", " ") if key == "gpu" else (int(value) if key == "gpus" else float(value))
             except ValueError:
-                fail(f"--{key}={value}: expected a {'whole number' if key == 'gpus' else 'number'}")
+                raise UserError(f"--{key}={value}: expected a {'whole number' if key == 'gpus' else 'number'}")
         else:
             rest.append(arg)
-    utils.check_ranges(options, PLAN_RANGES, flag=lambda name: f"--{name}")
+    check_ranges(options, PLAN_RANGES, flag=lambda name: f"--{name}")
     return options, rest
 
 
 def vlm_parser():
     """train_ds.py's own flags (so plan.py accepts exactly what train_ds.py does), plus plan's."""
-    from train_ds import build_parser
-    p = build_parser()
-    p.prog, p.description = "plan.py --vlm", "memory, time and cost of a train_ds.py run (takes its flags)"
-    p.error = lambda message: fail(f"{message} (see plan.py --vlm --help)")  # one line, not usage + error
+    p = build_parser("memory, time and cost of a train_ds.py run (takes its flags)")
+    p.prog = "plan.py --vlm"
+    p.error = one_line(p)
     p.add_argument("--vlm", action="store_true")
     p.add_argument("--gpu", default=None, help="plan only: one GPU kind (default: all in hardware.py)")
     p.add_argument("--gpus", type=int, default=None, help="plan only: GPU count (default: 1, 2, 4, 8)")
@@ -106,28 +103,14 @@ def vlm_parser():
 
 
 def parse_vlm(argv):
-    from train_ds import RANGES
     args = vlm_parser().parse_args(argv)
-    if args.use_4bit and not args.use_lora:
-        fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
-    utils.check_ranges(vars(args), {**RANGES, **PLAN_RANGES}, flag=lambda name: "--" + name.replace("_", "-"))
-    if args.max_pixels < args.min_pixels:
-        fail(f"--max-pixels {args.max_pixels} is below --min-pixels {args.min_pixels}: raise it or lower --min-pixels")
+    check_flags(args, {**RANGES, **PLAN_RANGES})  # train_ds.py's own checks, and plan's ranges
     return args
 
 
 def read_ds_config(path):
-    """memory.zero_settings of a DeepSpeed config file; None (no DeepSpeed) when path is None."""
-    if path is None:
-        return None
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"--deepspeed {path}: {e}")
-    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization", {}), dict):
-        fail(f"--deepspeed {path}: a DeepSpeed config is a JSON object (see ds_config.json)")
-    return zero_settings(config)
+    """memory.zero_settings of a DeepSpeed config file (train_ds.py's reader); None without DeepSpeed."""
+    return None if path is None else zero_settings(read_deepspeed(path))
 
 
 def parse(argv):
@@ -138,7 +121,7 @@ def parse(argv):
     options, rest = split_plan_options(argv)
     config = gpt_config(rest)
     if config["gradient_accumulation_steps"] % (options["gpus"] or 1):
-        fail(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} is not divisible by --gpus={options['gpus']}")
+        raise UserError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} is not divisible by --gpus={options['gpus']}")
     return gpt_run(config), options
 
 
@@ -205,7 +188,7 @@ def vlm_run(args):
     try:
         arch = vlm_arch(args.model)
     except ValueError as e:
-        fail(str(e))
+        raise UserError(str(e))
     step = vlm_step(args)
     zero = read_ds_config(None if args.no_deepspeed else args.deepspeed)
     samples = args.batch_size * args.gradient_accumulation_steps  # per GPU per step, as train_ds.py counts
@@ -248,7 +231,7 @@ def vlm_total_samples(args, count):
             with open(args.data, encoding="utf-8") as f:
                 records = sum(1 for line in f if line.strip()) if args.data.endswith(".jsonl") else len(json.load(f))
         except (OSError, ValueError, TypeError) as e:
-            fail(f"--data {args.data} cannot be read ({type(e).__name__}: {e})")
+            raise UserError(f"--data {args.data} cannot be read ({type(e).__name__}: {e})")
     return math.ceil(args.epochs * records / per_step) * per_step
 
 
@@ -297,9 +280,9 @@ def pick_gpus(name):
         return planned
     key = hardware.match_gpu(name) or (name if name in hardware.GPUS else None)
     if key is None:
-        fail(f"unknown GPU '{name}': use one of {', '.join(planned)} (spaces as _ in --gpu=)")
+        raise UserError(f"unknown GPU '{name}': use one of {', '.join(planned)} (spaces as _ in --gpu=)")
     if key not in planned:
-        fail(f"{key} has no published tensor peak, so its time cannot be planned: pick one of {', '.join(planned)}")
+        raise UserError(f"{key} has no published tensor peak, so its time cannot be planned: pick one of {', '.join(planned)}")
     return [key]
 
 
@@ -336,7 +319,7 @@ def table(rows):
             lines.append(f"| {gpu} | {count} | no | - | - | - | - | - | - |")
             continue
         lines.append(f"| {gpu} | {count} | yes | `{row['flags']}` | {row['peak'] / GiB:.1f} / {row['need'] / GiB:.1f} "
-                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {utils.human_time(row['seconds'])} | {dollars(row['cost'])} |")
+                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} | {dollars(row['cost'])} |")
     return "\n".join(lines)
 
 
@@ -403,12 +386,12 @@ def docs_tables():
 def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
     """Replace only the text between each pair of plan markers; everything else stays byte for byte."""
     if not os.path.isfile(path):
-        fail(f"{path} not found")
+        raise UserError(f"{path} not found")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"cannot read {path} ({type(e).__name__}: {e}): give the UTF-8 planning page (docs/PLANNING.md)")
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): give the UTF-8 planning page (docs/PLANNING.md)")
     updated = []
     for name, body in docs_tables().items():
         pattern = re.compile(rf"(<!-- plan:{name} -->\n).*?(<!-- /plan:{name} -->)", re.S)
@@ -417,17 +400,18 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
             text = pattern.sub(lambda m: m.group(1) + note + body + "\n" + m.group(2), text)
             updated.append(name)
     if not updated:
-        fail(f"{path} has no '<!-- plan:gpt-table -->' ... '<!-- /plan:gpt-table -->' (or vlm-table) markers, each on its own line")
-    utils.write_output_file(path, lambda f: f.write(text.encode("utf-8")), f"the planning page {path}")
+        raise UserError(f"{path} has no '<!-- plan:gpt-table -->' ... '<!-- /plan:gpt-table -->' (or vlm-table) markers, each on its own line")
+    files.write_output_file(path, lambda f: f.write(text.encode("utf-8")), f"the planning page {path}")
     print(f"updated {', '.join(updated)} in {path}")
 
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
+    one_line_errors()
     argv = sys.argv[1:]
     if argv[:1] == ["--update-docs"]:
         update_docs(*argv[1:2])
     elif argv[:1] == ["--update-readme"]:
-        fail("--update-readme is now --update-docs: the tables moved to docs/PLANNING.md")
+        raise UserError("--update-readme is now --update-docs: the tables moved to docs/PLANNING.md")
     else:
         plan(argv)

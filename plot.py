@@ -1,5 +1,5 @@
 """
-Train and val loss of one or more train.py runs, against iterations and against wall time, in one PNG.
+Train and val loss of train.py or train_ds.py runs, against iterations and against wall time, in one PNG.
 
 $ python plot.py out-shakespeare-char out-speedrun --out=runs.png
 
@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from utils import check_output_file, fail, write_output_file
+from configurator import UserError, one_line_errors
+from files import check_output_file, write_output_file
 
 
 def read_log(out_dir):
@@ -25,15 +26,15 @@ def read_log(out_dir):
             for number, line in enumerate(f, 1):
                 record = json.loads(line) if line.strip() else {}
                 if not isinstance(record, dict):
-                    fail(f"{path} line {number} is a JSON {type(record).__name__}, not a record: "
-                         "give the out_dir of a train.py run")
+                    raise UserError(f"{path} line {number} is a JSON {type(record).__name__}, not a record: "
+                         "give the out_dir of a train.py or train_ds.py run")
                 records.append(record)
     except FileNotFoundError:
-        fail(f"{path} not found: give the out_dir of a train.py run")
+        raise UserError(f"{path} not found: give the out_dir of a train.py or train_ds.py run")
     except (OSError, ValueError) as e:
-        fail(f"{path} cannot be read ({type(e).__name__}: {e})")
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e})")
     if not any("loss" in r or "val_loss" in r for r in records):
-        fail(f"{path} has no losses yet: plot it after the first logged iteration")
+        raise UserError(f"{path} has no losses yet: plot it after the first logged iteration")
     return records
 
 
@@ -51,13 +52,13 @@ def main(argv):
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     if not args.out.endswith(".png"):
-        fail(f"--out {args.out} must end in .png")
+        raise UserError(f"--out {args.out} must end in .png")
     check_output_file(args.out, args.overwrite, "--out")
     logs = {run: read_log(run) for run in args.runs}
     try:
         import matplotlib
     except ImportError:
-        fail("plot.py needs matplotlib: pip install matplotlib")
+        raise UserError("plot.py needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -78,4 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    one_line_errors()
     main(sys.argv[1:])

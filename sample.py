@@ -8,12 +8,12 @@ import signal
 import sys
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
 import os  # noqa: E402
-from contextlib import nullcontext
 
 import torch
 
-import utils
-from configurator import ConfigError, configure
+import gpt_checkpoint
+import runtime
+from configurator import UserError, check_ranges, settings
 from model import GPT, PRETRAINED
 
 # -----------------------------------------------------------------------------
@@ -32,50 +32,44 @@ device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cud
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
 compile = False  # torch.compile the forward pass: faster tokens after a compile
 # -----------------------------------------------------------------------------
-config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
-try:
-    configure(sys.argv[1:], config)
-except ConfigError as e:
-    utils.fail(str(e))
-globals().update(config)
+config, _ = settings(globals())  # config files and --key=value; a UserError is one line from here
 # -----------------------------------------------------------------------------
 # every setting's range, checked before anything is loaded
-utils.check_ranges(config, {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
+check_ranges(config, {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'temperature': '[0, inf)',
                             'top_k': '[0, inf)', 'top_p': '(0, 1]', 'seed': '[0, 4294967296)'})
 if not (init_from == 'resume' or init_from in PRETRAINED or os.path.isdir(init_from)):
-    utils.fail(f"init_from='{init_from}' is neither resume, one of {', '.join(PRETRAINED)}, "
+    raise UserError(f"init_from='{init_from}' is neither resume, one of {', '.join(PRETRAINED)}, "
                "nor a folder with a Hugging Face GPT-2 checkpoint")
-device, device_type = utils.resolve_device(device)
-dtype = utils.resolve_dtype(dtype, device_type)
+device, device_type = runtime.resolve_device(device)
+dtype = runtime.resolve_dtype(dtype, device_type)
 if start.startswith('FILE:'):
     try:
         with open(start[5:], encoding='utf-8') as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        utils.fail(f"cannot read the prompt file {start[5:]} ({type(e).__name__}: {e}): give a UTF-8 text file")
+        raise UserError(f"cannot read the prompt file {start[5:]} ({type(e).__name__}: {e}): give a UTF-8 text file")
 
 torch.manual_seed(seed)
 torch.cuda.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+ctx = runtime.autocast(device_type, dtype)
 
 # model, and its vocabulary: a char-level model's characters, else (None) GPT-2's BPE
 vocabulary = None
 if init_from == 'resume':
-    model, checkpoint = utils.load_gpt(os.path.join(out_dir, checkpoint_name),
-                                       "train one first, or set --out_dir / --init_from=gpt2")
-    vocabulary = utils.checkpoint_vocabulary(checkpoint)  # plain values only: a meta.pkl can carry code
+    model, checkpoint = gpt_checkpoint.load_gpt(os.path.join(out_dir, checkpoint_name),
+                                                "train one first, or set --out_dir / --init_from=gpt2")
+    vocabulary = gpt_checkpoint.checkpoint_vocabulary(checkpoint)  # plain values only: a meta.pkl can carry code
     del checkpoint  # the weights are in the model now
 else:
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
     except ValueError as e:
-        utils.fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
+        raise UserError(f"could not load '{init_from}': {str(e).splitlines()[0]}")
 model.eval()
 model.to(device)
-if compile and not utils.compile_blocker(device_type):
+if compile and not runtime.compile_blocker(device_type):
     # generation runs hidden_states once per token; dynamic shapes avoid a recompile per length
     model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
 
@@ -86,7 +80,7 @@ if vocabulary is not None:
     def encode(s):
         unknown = sorted(set(s) - set(stoi))
         if unknown:
-            utils.fail(f"the prompt has characters outside the model's vocabulary: {unknown!r}")
+            raise UserError(f"the prompt has characters outside the model's vocabulary: {unknown!r}")
         return [stoi[c] for c in s]
 
     def decode(ids):
@@ -108,9 +102,9 @@ else:
 # encode the beginning of the prompt
 start_ids = encode(start)
 if not start_ids:
-    utils.fail("the prompt is empty: give --start=TEXT (a newline works for char models)")
+    raise UserError("the prompt is empty: give --start=TEXT (a newline works for char models)")
 if max(start_ids) >= model.config.vocab_size:
-    utils.fail(f"the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
+    raise UserError(f"the prompt has token {max(start_ids)} but the model's vocabulary has {model.config.vocab_size}: "
                "this model was not trained with GPT-2's tokenizer")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(num_samples, 1)
 

@@ -23,20 +23,23 @@ exist with the fused loss), and the optimizer object is `optim` (`optimizer` is 
 import signal
 import sys
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))  # no traceback
-import glob  # noqa: E402
-import os
+import os  # noqa: E402
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import files
+import gpt_checkpoint
+import gpt_data
 import gpt_lora
 import memory
-import utils
-from configurator import ConfigError, configure
+import runtime
+import training
+from configurator import UserError, settings
+from gpt_settings import check_train_settings
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -99,56 +102,34 @@ compile_mode = 'default'  # or 'max-autotune' (with CUDA graphs), 'max-autotune-
 attention_backend = 'auto'  # SDPA's kernel: 'auto' (cuDNN first on Hopper), 'flash', 'cudnn', 'efficient', 'math'
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-config = {k: globals()[k] for k in config_keys}
-try:
-    explicit_keys = configure(sys.argv[1:], config)  # config files and --key=value
-except ConfigError as e:
-    utils.fail(str(e))
-globals().update(config)
+config, explicit_keys = settings(globals())  # config files and --key=value; a UserError is one line from here
+check_train_settings(config)  # every setting's range, and the ones that must agree (gpt_settings.py)
 # -----------------------------------------------------------------------------
-utils.check_train_settings(config)  # every setting's range, and the ones that must agree (see utils.py)
-fail = utils.fail
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
-device, device_type = utils.resolve_device(device)
-dtype = utils.resolve_dtype(dtype, device_type)
+device, device_type = runtime.resolve_device(device)
+dtype = runtime.resolve_dtype(dtype, device_type)
 ddp_rank, ddp_local_rank, ddp_world_size, device, gradient_accumulation_steps = \
-    utils.start_ddp(device, device_type, backend, gradient_accumulation_steps)  # per process from here on
+    runtime.start_ddp(device, device_type, backend, gradient_accumulation_steps)  # per process from here on
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
-say = print if master_process else (lambda *args: None)  # only rank 0 talks
+say = runtime.say  # only rank 0 talks
 say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
-kernels = utils.attention_kernels(attention_backend, device_type, dropout)
+ctx = runtime.autocast(device_type, dtype)
+kernels = runtime.attention_kernels(attention_backend, device_type, dropout)
 kernels.__enter__()  # for the whole run (a global setting, like tf32 above)
 
 # -----------------------------------------------------------------------------
 # data: token files checked whole-token and within the vocabulary before anything is built
 data_dir = os.path.join('data', dataset)  # dataset may also be a path to a folder
-largest_token = -1
-for split in ('train', 'val'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.isfile(path):
-        fail(f"{path} not found: prepare the data first, e.g. python {data_dir}/prepare.py")
-    n_tokens, top = utils.token_file_stats(path)
-    largest_token = max(largest_token, top)
-    if n_tokens < block_size + 1:
-        fail(f"{path} has {n_tokens} tokens, fewer than block_size+1={block_size + 1}: "
-             "use more data or a smaller --block_size")
-meta_path = os.path.join(data_dir, 'meta.pkl')  # a character vocabulary, if the dataset has one
-meta_vocab_size = vocabulary = None  # vocabulary: id -> character, saved in checkpoints
-if os.path.exists(meta_path):
-    meta = utils.load_meta(meta_path)  # plain values only: a pickle can carry code
-    meta_vocab_size, vocabulary = meta['vocab_size'], meta.get('itos')
+# vocabulary: id -> character of a char-level dataset's meta.pkl (saved in checkpoints), None for GPT-2's BPE
+largest_token, meta_vocab_size, vocabulary = gpt_data.check_dataset(data_dir, block_size)
+meta_path = os.path.join(data_dir, 'meta.pkl')
+if meta_vocab_size is not None:
     say(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-    if largest_token >= meta_vocab_size:
-        fail(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size {meta_vocab_size}: "
-             "the two do not belong together; prepare the dataset again")
 
 
 def get_batch(split, iter_index, batch_index):
@@ -156,7 +137,7 @@ def get_batch(split, iter_index, batch_index):
     # in the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would.
     # A new memmap per batch avoids a memory leak (https://stackoverflow.com/questions/45132940)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = utils.batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
+    ix = gpt_data.batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     if device_type == 'cuda':
@@ -170,9 +151,9 @@ def get_batch(split, iter_index, batch_index):
 OUR_FILES = r'ckpt\.pt|best\.pt|ckpt-\d{7}\.pt|log\.jsonl'
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master_process and not eval_only:
-    out_dir_lock = utils.claim_out_dir(out_dir, OUR_FILES, new_run=init_from != 'resume', overwrite=overwrite)
+    out_dir_lock = gpt_checkpoint.claim_out_dir(out_dir, OUR_FILES, new_run=init_from != 'resume', overwrite=overwrite)
 if ddp and not eval_only:
-    utils.check_shared_folder(out_dir, device)
+    gpt_checkpoint.check_shared_folder(out_dir, device)
 
 # -----------------------------------------------------------------------------
 # model init
@@ -186,34 +167,22 @@ if init_from == 'scratch':
     model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    older = sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))
-    hint = f" (older ones: {', '.join(older)}; copy one to ckpt.pt to use it)" if older else ""
-    if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} to resume from{hint}: train with --init_from=scratch first")
-    # onto the CPU: the RNG states must stay there, and the weights move with the model below
-    checkpoint = utils.load_checkpoint(ckpt_path, ('model', 'model_args', 'optimizer', 'iter_num', 'best_val_loss'), hint)
+    checkpoint, ckpt_path, hint = gpt_checkpoint.load_for_resume(out_dir)  # onto the CPU
     say(f"Resuming training from {ckpt_path} at iter {checkpoint['iter_num']}")
     try:
         model = gpt_lora.load(checkpoint, dropout=dropout)
     except ValueError as e:
-        fail(f"{ckpt_path}: {e}{hint}")
-    saved = dict(checkpoint['model_args'], **gpt_lora.settings(checkpoint))  # LoRA comes with the checkpoint
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', *gpt_lora.SETTINGS):
-        if k in explicit_keys and k in saved and config[k] != saved[k]:
-            fail(f"the checkpoint has {k}={saved[k]} but {k}={config[k]} was given: "
-                 f"drop that setting to resume, or train a new model in another out_dir")
-        if k in saved:
-            (model_args if k in model_args else config)[k] = saved[k]
+        raise UserError(f"{ckpt_path}: {e}{hint}") from None
+    gpt_checkpoint.adopt_shape(checkpoint, ckpt_path, config, explicit_keys, model_args)  # and its LoRA settings
     block_size = model_args['block_size']  # the checkpoint's, unless given
 else:
     say(f"Initializing from OpenAI GPT-2 weights: {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:
-        fail(f"could not load '{init_from}': {str(e).splitlines()[0]}")
+        raise UserError(f"could not load '{init_from}': {str(e).splitlines()[0]}")
     if block_size > model.config.block_size:
-        fail(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
+        raise UserError(f"block_size={block_size} is larger than {init_from}'s {model.config.block_size}: "
              f"use --block_size={model.config.block_size} or less")
     model_args.update({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'vocab_size')})
 model_args['gelu'] = model.config.gelu  # GPT-2's weights (and our older checkpoints) need its tanh GELU
@@ -221,31 +190,18 @@ if block_size < model.config.block_size:  # crop down the model block size if de
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
 if lora_rank > model.config.n_embd:
-    fail(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a rank that "
+    raise UserError(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a rank that "
          "high; use a smaller --lora_rank (4 to 64 is usual)")
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
-    fail(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
+    raise UserError(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
          "train this dataset from scratch, or prepare it with the model's tokenizer")
 if largest_token >= model.config.vocab_size:
-    fail(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
+    raise UserError(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
          "prepare the data with the model's tokenizer")
 if init_from == 'resume':
-    trained = checkpoint.get('config', {})  # what it was trained with: refuse what cannot continue, note the rest
-    if utils.checkpoint_vocabulary(checkpoint) != vocabulary:
-        fail(f"{data_dir} has another vocabulary than {ckpt_path} was trained on (other characters, or characters "
-             f"against GPT-2's BPE): resume on its dataset ({trained.get('dataset')}), or train a new model elsewhere")
-    if trained.get('optimizer', 'adamw') != optimizer:
-        fail(f"{ckpt_path} was trained with optimizer='{trained.get('optimizer', 'adamw')}', whose state cannot become "
-             f"'{optimizer}'s: resume with --optimizer={trained.get('optimizer', 'adamw')}")
-    if checkpoint['iter_num'] > max_iters and not eval_only:
-        fail(f"{ckpt_path} is at iter {checkpoint['iter_num']}, past max_iters={max_iters}: raise --max_iters to "
-             "train on, or pass --eval_only=True to evaluate it")
-    for k in ('dataset', 'batch_size', 'gradient_accumulation_steps', 'seed'):
-        if k in trained and trained[k] != config[k]:
-            say(f"note: {k}={config[k]!r} where the checkpoint had {trained[k]!r}: the batches from here on are not "
-                "those of an unbroken run")
+    gpt_checkpoint.check_resume(checkpoint, ckpt_path, config, vocabulary)  # refuse what cannot continue, note the rest
     iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
     elapsed_before = checkpoint.get('elapsed_s', 0.0)
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
@@ -254,7 +210,7 @@ model.fused_loss = fused_loss
 model.to(device)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 say(f"tokens per iteration will be: {tokens_per_iter:,}")
-say(memory.gpt_start_line(config, ddp_world_size, device, model_args))  # warns if it will not fit the GPU
+say(memory.gpt_start_line(config, ddp_world_size, device, model_args, dtype))  # warns if it will not fit the GPU
 raw_model = model  # unwrapped, uncompiled: what we save and measure
 
 # -----------------------------------------------------------------------------
@@ -264,18 +220,18 @@ try:
     optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
                                        muon_learning_rate, muon_momentum)
 except ImportError:
-    fail("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
+    raise UserError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
 if checkpoint is not None:
     try:
         optim.load_state_dict(checkpoint['optimizer'])
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{ckpt_path}: its optimizer state does not fit this model or optimizer ({type(e).__name__}: {e}); "
+        raise UserError(f"{ckpt_path}: its optimizer state does not fit this model or optimizer ({type(e).__name__}: {e}); "
              "resume with the optimizer it was saved with")
     rng_states = checkpoint.get('rng')
     if rng_states is not None and len(rng_states) == ddp_world_size:
-        utils.set_rng_state(rng_states[ddp_rank])
+        training.set_rng_state(rng_states[ddp_rank])
     else:
         say("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
 checkpoint = None  # free up memory
@@ -283,7 +239,7 @@ checkpoint = None  # free up memory
 # compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
 # Compiled this way round, its first call happens inside DDP's forward, so Dynamo splits the graph
 # at DDP's gradient buckets and the all-reduce overlaps the backward pass.
-blocker = compile and utils.compile_blocker(device_type)
+blocker = compile and runtime.compile_blocker(device_type)
 if compile and master_process:
     print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check"
           if blocker else "compiling the model... (the first iteration takes a ~minute)")
@@ -317,23 +273,19 @@ def estimate_loss():
     return out
 
 
-def log(record, wandb_record):
-    # elapsed_s: wall time of the run (its earlier parts too, on resume), less the compilation
-    elapsed = elapsed_before + (0.0 if compiling else time.time() - run_start - compile_s)
-    record['elapsed_s'] = wandb_record['elapsed_s'] = round(elapsed, 3)
-    if master_process and not eval_only:
-        utils.append_jsonl(log_path, record)
-    if master_process and wandb_log:
-        import wandb
-        wandb.log(wandb_record)
+def log(record):
+    # log.jsonl and wandb, in the names both trainers share (training.METRICS); elapsed_s: wall time of
+    # the run (its earlier parts too, on resume), less the compilation
+    record['elapsed_s'] = round(elapsed_before + (0.0 if compiling else time.time() - run_start - compile_s), 3)
+    if master_process:
+        training.log_metrics(None if eval_only else log_path, wandb_run, record)
 
 
 def save_checkpoint(is_best, previous_iter):
-    """Atomically write ckpt.pt (every process's RNG included); keep the one saved at previous_iter
-    as ckpt-<iter>.pt (keep_last of them) and the best-val one as best.pt. Returns iter_num."""
-    rng_states = [None] * ddp_world_size if ddp else [utils.get_rng_state()]
+    """ckpt.pt, every process's RNG included, written atomically (see gpt_checkpoint.save). Returns iter_num."""
+    rng_states = [None] * ddp_world_size if ddp else [training.get_rng_state()]
     if ddp:
-        dist.all_gather_object(rng_states, utils.get_rng_state())
+        dist.all_gather_object(rng_states, training.get_rng_state())
     if not master_process:
         return iter_num
     weights, lora = gpt_lora.checkpoint_weights(raw_model)  # under LoRA: the adapters and the base's name
@@ -341,19 +293,8 @@ def save_checkpoint(is_best, previous_iter):
             'model_args': model_args, 'vocabulary': vocabulary, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
             'config': config, 'rng': rng_states, 'elapsed_s': elapsed_before + time.time() - run_start - compile_s}
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     print(f"saving checkpoint to {out_dir} (iter {iter_num})")
-    try:
-        if keep_last > 0 and previous_iter is not None and os.path.exists(ckpt_path):
-            utils.link_or_copy(ckpt_path, os.path.join(out_dir, f'ckpt-{previous_iter:07d}.pt'))
-        utils.atomic_torch_save(ckpt, ckpt_path)
-        if is_best:
-            utils.link_or_copy(ckpt_path, os.path.join(out_dir, 'best.pt'))
-    except OSError as e:
-        fail(f"could not save a checkpoint in {out_dir} ({utils.write_failure(e, out_dir)}); "
-             f"the previous one is intact: {utils.what_to_do(e, 'free disk space and resume')}")
-    for old in sorted(glob.glob(os.path.join(out_dir, 'ckpt-*.pt')))[:-keep_last or None]:
-        os.remove(old)
+    gpt_checkpoint.save(ckpt, out_dir, is_best, previous_iter, keep_last)
     return iter_num
 
 
@@ -366,11 +307,10 @@ last_saved_iter = iter_num if init_from == 'resume' else None
 if init_from == 'resume' and iter_num == max_iters and not eval_only:
     say(f"the checkpoint is at max_iters={max_iters} already: nothing to train (raise --max_iters to go on)")
 if master_process and init_from == 'resume' and not eval_only:  # lines a killed run wrote past its checkpoint
-    utils.trim_jsonl(log_path, lambda r: r.get('iter', iter_num) < iter_num or (
+    files.trim_jsonl(log_path, lambda r: r.get('iter', iter_num) < iter_num or (
         r.get('iter') == iter_num and 'val_loss' in r and last_eval_iter == iter_num))
-if master_process and wandb_log:
-    utils.init_wandb(wandb_project, wandb_run_name, config)
-stop_signals, _ = utils.catch_stop_signals()  # SIGTERM and Ctrl-C: finish the step, save, exit cleanly
+wandb_run = training.init_wandb(wandb_project, wandb_run_name, config) if master_process and wandb_log else None
+stop_signals, _ = training.catch_stop_signals()  # SIGTERM and Ctrl-C: finish the step, save, exit cleanly
 X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
 # No host-device sync in a plain iteration: the loss and the non-finite counts stay on the device
 # and are read at log iterations and every check_every iterations (the stop signals then too)
@@ -384,7 +324,7 @@ params = [p for p in raw_model.parameters() if p.requires_grad]
 skip_on_device = all(group.get('fused') for group in optim.param_groups)  # fused AdamW takes found_inf
 while True:
     # determine and set the learning rate for this iteration
-    lr = utils.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
+    lr = training.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
     for param_group in optim.param_groups:
         param_group['lr'] = lr * param_group.get('lr_ratio', 1.0)  # Muon's: muon_learning_rate / learning_rate
 
@@ -396,8 +336,7 @@ while True:
         best_val_loss = min(best_val_loss, losses['val'])
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
         say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})")
-        log({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']},
-            {"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr})
+        log({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']})
         if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
             last_saved_iter = save_checkpoint(improved, last_saved_iter)
         if patience and evals_without_improvement >= patience:
@@ -442,7 +381,7 @@ while True:
     if compiling:  # its own line, and no ETA from its log line
         compiling, compile_s = False, time.time() - run_start
         say(f"compilation, with the first iteration and eval: {compile_s:.1f}s (left out of elapsed_s)")
-        log({'iter': it, 'compile_s': compile_s}, {'compile_s': compile_s})
+        log({'iter': it, 'compile_s': compile_s})
 
     # the points where we wait for the device: logging, non-finite counts, stop signals under DDP
     log_now = it % log_interval == 0
@@ -455,20 +394,20 @@ while True:
     stop_requested, in_a_row = stops > 0, round(in_a_row)
     if in_a_row and master_process:
         print(f"iter {it}: non-finite loss/gradients, step skipped ({in_a_row} in a row)")
-    utils.stop_if_diverged(in_a_row, max_nonfinite_steps, f"iterations in a row (last at iter {it})",
+    training.stop_if_diverged(in_a_row, max_nonfinite_steps, f"iterations in a row (last at iter {it})",
                            "lower learning_rate, or use dtype=bfloat16 if on float16",
                            f"iter {last_saved_iter}" if last_saved_iter is not None else None)
     if log_now and master_process:
         t1 = time.time()
-        eta = utils.human_time((max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter)) \
+        eta = training.human_time((max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter)) \
             if t0 >= run_start + compile_s else "n/a (this time includes compilation)"
         dt, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num  # mean over the iterations since the last log
         mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
         print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
               f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}, ETA {eta}")
-        log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tok_per_s': tokens_per_iter / dt, 'mfu': mfu},
-            {"iter": it, "train/loss_step": loss_value, "lr": lr, "mfu": mfu, "tok_per_s": tokens_per_iter / dt})
+        log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu,
+             'peak_memory_gib': runtime.peak_memory_gib(device)})
     if stop_requested:
         say(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
         break

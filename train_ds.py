@@ -46,7 +46,6 @@ a checkpoint's run_args.json.
 """
 
 
-import argparse
 import functools
 import importlib.util
 import itertools
@@ -68,144 +67,38 @@ import torch  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 import hardware  # noqa: E402
+from configurator import UserError, one_line_errors  # noqa: E402
+from files import atomic_torch_save, disk_write, remove_dead_temps, temp_path, trim_jsonl  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
-from utils import (append_jsonl, atomic_torch_save, barrier, catch_stop_signals, check_ranges, cosine_lr,  # noqa: E402
-                   disk_write, fail, has_native_bf16, init_wandb, peak_memory_gib, remove_dead_temps, resolve_dtype,
-                   stop_if_diverged, temp_path, trim_jsonl)
+from runtime import barrier, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
+from training import catch_stop_signals, cosine_lr, init_wandb, log_metrics, stop_if_diverged  # noqa: E402
 from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, resume_path, save_checkpoint  # noqa: E402
-from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
 from vlm_data import (Batches, eval_indices, load_processor, measure_samples, measures_cache,  # noqa: E402
                       read_samples, save_measures, synthetic_samples, train_indices)
-
-# set by the launcher (deepspeed, torchrun); `python train_ds.py` alone is rank 0 of 1
-RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub id or local folder")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
-    p.add_argument("--data", default="data/vlm_demo/train.json", help="LLaVA or messages format, .json or .jsonl")
-    p.add_argument("--image-folder", default=None, help="image paths are relative to this (default: the data file's folder)")
-    p.add_argument("--eval-data", default=None)
-    p.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens, image tokens included")
-    p.add_argument("--skip-long", action="store_true", help="skip (and count) samples over --max-length instead of stopping")
-    p.add_argument("--num-workers", type=int, default=2, help="processes that decode and encode batches ahead of the GPU")
-    p.add_argument("--min-pixels", type=int, default=256 * 28 * 28)
-    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
-    # LoRA / QLoRA
-    p.add_argument("--use-lora", action="store_true")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-target-modules", default=None,
-                   help="comma-separated linear layer names, in the language model only (default: all its linear layers)")
-    p.add_argument("--vision-lora", action="store_true", help="LoRA in the vision tower's linear layers too")
-    p.add_argument("--modules-to-save", default=None, help="comma-separated non-LoRA modules to train fully")
-    # what trains besides the language model (fully, or its LoRA), each with its own peak learning rate
-    p.add_argument("--train-projector", action="store_true", help="train the projector (Qwen's merger, LLaVA's multi_modal_projector)")
-    p.add_argument("--train-vision", action="store_true", help="train the vision tower (with LoRA, Qwen's merger too)")
-    p.add_argument("--projector-lr", type=float, default=None, help="(default: --learning-rate)")
-    p.add_argument("--vision-lr", type=float, default=None, help="for --train-vision or --vision-lora (default: --learning-rate)")
-    p.add_argument("--attn-implementation", choices=["sdpa", "flash_attention_2", "eager"], default=None,
-                   help="(default: flash_attention_2 where flash-attn is installed and the dtype is 16-bit on a GPU, else sdpa)")
-    p.add_argument("--use-4bit", action="store_true", help="QLoRA: nf4 base weights (bitsandbytes), needs --use-lora")
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=1, help="per GPU")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 for no clipping")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-nonfinite-steps", type=int, default=10,
-                   help="stop after this many steps in a row with a NaN/inf loss (each one is skipped)")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true")
-    precision.add_argument("--fp16", action="store_true")
-    precision.add_argument("--fp32", action="store_true", help="(default: bf16 on GPUs that have it, fp32 on a CPU)")
-    # DeepSpeed
-    p.add_argument("--no-deepspeed", action="store_true", help="plain PyTorch, one process")
-    p.add_argument("--deepspeed", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
-                   help="ZeRO config (default: ds_config.json beside this script; batch size, precision, clipping filled in)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the launcher
-    # output
-    p.add_argument("--output-dir", default=None, help="default out-vlm (merge: <checkpoint>-merged)")
-    p.add_argument("--save-steps", type=int, default=100)
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept on disk")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --output-dir, or from the one given")
-    p.add_argument("--log-steps", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--wandb-project", default="vlm-finetune")
-    # other jobs
-    p.add_argument("--merge-lora", metavar="CHECKPOINT", default=None,
-                   help="merge a checkpoint's adapter into its base model and exit (in the base's dtype, or --bf16/--fp16/--fp32)")
-    p.add_argument("--random-init", action="store_true", help="random weights from --model's config (no weight download)")
-    p.add_argument("--benchmark", action="store_true", help="time training on synthetic images; prints one JSON line")
-    p.add_argument("--benchmark-image-size", type=int, default=448)
-    p.add_argument("--benchmark-text-words", type=int, default=200)
-    return p
-
-
-def parse_args(argv=None):
-    p = build_parser()
-    p.error = lambda message: fail(f"{message} (see python train_ds.py --help)")  # one line, not usage + error
-    return p.parse_args(argv)
-
-
-RANGES = {  # every numeric flag's valid values; None (not given) passes
-    "max_length": "[1, inf)", "num_workers": "[0, 64]", "min_pixels": "[1, inf)", "max_pixels": "[1, inf)", "lora_r": "[1, inf)",
-    "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
-    "learning_rate": "[0, inf)", "projector_lr": "[0, inf)", "vision_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
-    "epochs": "(0, inf)", "max_steps": "[1, inf)", "max_nonfinite_steps": "[1, inf)", "save_steps": "[1, inf)",
-    "log_steps": "[1, inf)", "keep_last": "[1, inf)", "seed": "[0, 4294967296)", "benchmark_image_size": "[28, 8192]",
-    "benchmark_text_words": "[1, inf)",
-}
+from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
+from vlm_settings import check_flags, deepspeed_config, parse_args  # noqa: E402
 
 
 def check_args(args, zero3, dtype):
-    """Every setting alone and together, before anything slow: one line for the first that cannot work.
-    Picks the attention implementation when none is given."""
-    check_ranges(vars(args), RANGES, flag=lambda name: "--" + name.replace("_", "-"))
-    check_parts(args)
+    """Every setting alone and together (vlm_settings.check_flags), then against this machine and
+    --output-dir, before anything slow. Picks the attention implementation when none is given."""
+    check_flags(args)
     check_attention(args, dtype)
-    if args.no_deepspeed and WORLD_SIZE > 1:
-        fail(f"--no-deepspeed runs one process, but the launcher started {WORLD_SIZE}: drop --no-deepspeed "
+    if args.no_deepspeed and world_size() > 1:
+        raise UserError(f"--no-deepspeed runs one process, but the launcher started {world_size()}: drop --no-deepspeed "
              "(DeepSpeed shares the work between them), or run python train_ds.py without a launcher")
-    if args.max_pixels < args.min_pixels:
-        fail(f"--max-pixels {args.max_pixels} is below --min-pixels {args.min_pixels}: raise it or lower --min-pixels")
-    for flag, value in (("--lora-target-modules", args.lora_target_modules), ("--modules-to-save", args.modules_to_save)):
-        if value is not None and not args.use_lora:
-            fail(f"{flag} needs --use-lora: without it every weight of the language model trains")
-    if args.use_4bit and not args.use_lora:
-        fail("--use-4bit needs --use-lora: 4-bit weights cannot be trained directly, only adapters on top of them")
     if args.use_4bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            fail("--use-4bit needs bitsandbytes: pip install bitsandbytes")
+            raise UserError("--use-4bit needs bitsandbytes: pip install bitsandbytes")
     if args.use_4bit and zero3 and not (args.bf16 or args.fp16):
-        fail("--use-4bit with ZeRO-3 works only when the 4-bit weights are stored in the training dtype: "
+        raise UserError("--use-4bit with ZeRO-3 works only when the 4-bit weights are stored in the training dtype: "
              "add --bf16 (or --fp16), or use ds_config.json (ZeRO-2)")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        fail(f"--output-dir {args.output_dir} is a file, not a folder: choose another --output-dir")
+        raise UserError(f"--output-dir {args.output_dir} is a file, not a folder: choose another --output-dir")
     if not args.benchmark and checkpoint_steps(args.output_dir) and not args.resume:
-        fail(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
-
-
-def check_parts(args):
-    needs = {"--vision-lora": (args.vision_lora, args.use_lora, "--use-lora"),
-             "--projector-lr": (args.projector_lr is not None, args.train_projector, "--train-projector"),
-             "--vision-lr": (args.vision_lr is not None, args.train_vision or args.vision_lora, "--train-vision or --vision-lora")}
-    for flag, (given, allowed, needed) in needs.items():
-        if given and not allowed:
-            fail(f"{flag} needs {needed}: without it nothing it applies to trains")
-    if args.train_vision and args.vision_lora:
-        fail("--train-vision trains the whole vision tower; --vision-lora adapters on a frozen one: choose one")
+        raise UserError(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
 
 
 def check_attention(args, dtype):
@@ -213,18 +106,16 @@ def check_attention(args, dtype):
     if args.attn_implementation is None:
         args.attn_implementation = "flash_attention_2" if flash_ready else "sdpa"
     elif args.attn_implementation == "flash_attention_2" and not flash_ready:
-        fail("--attn-implementation flash_attention_2 needs a GPU, a 16-bit dtype (--bf16/--fp16) and the flash-attn "
+        raise UserError("--attn-implementation flash_attention_2 needs a GPU, a 16-bit dtype (--bf16/--fp16) and the flash-attn "
              "package (pip install flash-attn --no-build-isolation): use sdpa instead")
 
 
 def choose_dtype(args):
-    if args.bf16 or args.fp16 or args.fp32:
-        if args.bf16 and torch.cuda.is_available() and not has_native_bf16():
-            fail(f"{torch.cuda.get_device_name()} has no bfloat16: use --fp16")
-        return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    name = resolve_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")  # native bf16 only, as train.py
-    if name == "float16" and is_qwen(args):
-        log("warning: this GPU has no bfloat16, so training runs in fp16, in which Qwen2 models are known to overflow "
+    """--bf16/--fp16/--fp32, else what train.py's dtype='auto' picks (bf16 where the GPU has it natively)."""
+    asked = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32" if args.fp32 else "auto"
+    name = resolve_dtype(asked, "cuda" if torch.cuda.is_available() else "cpu", fp16_flag="--fp16")
+    if asked == "auto" and name == "float16" and is_qwen(args):
+        say("warning: this GPU has no bfloat16, so training runs in fp16, in which Qwen2 models are known to overflow "
             "(NaN losses): if they appear, use --fp32 or a GPU with bfloat16")
     return getattr(torch, name)
 
@@ -236,127 +127,117 @@ def is_qwen(args):
         return False
 
 
-def deepspeed_config(args, dtype):
-    try:
-        with open(args.deepspeed, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        fail(f"--deepspeed {args.deepspeed}: {e}")
-    if not isinstance(config, dict) or not all(isinstance(config.get(key, {}), dict)
-                                               for key in ("zero_optimization", "bf16", "fp16")):
-        fail(f"--deepspeed {args.deepspeed}: a DeepSpeed config is a JSON object (see ds_config.json)")
-    # one source of truth: these come from the flags, whatever the file says; the file's other
-    # precision settings (loss_scale_window, ...) are kept, with a dynamic fp16 loss scale by default
-    config.update(train_micro_batch_size_per_gpu=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                  train_batch_size=args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE,
-                  gradient_clipping=args.grad_clip,  # 0: no clipping, as without DeepSpeed
-                  bf16={**config.get("bf16", {}), "enabled": dtype == torch.bfloat16},
-                  fp16={"loss_scale": 0, "initial_scale_power": 16, **config.get("fp16", {}), "enabled": dtype == torch.float16})
-    if config.get("zero_optimization", {}).get("overlap_comm"):
-        log(f"warning: --deepspeed {args.deepspeed} sets overlap_comm, a known cause of zero or NaN losses: set it to false")
-    if "auto" in json.dumps(config):
-        fail(f"--deepspeed {args.deepspeed}: replace the \"auto\" values with numbers (this script fills in only batch size, precision and clipping)")
-    return config
-
-
 # -----------------------------------------------------------------------------
 # processes: one, or one per GPU under DeepSpeed (the helpers are no-ops in a single process)
 
+ONE_PROCESS = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+
+
 def start_processes(ds_config):
-    """This process's device; under DeepSpeed, after joining the other processes (gloo on CPUs)."""
+    """This process's device; under DeepSpeed, after joining the other processes (gloo on CPUs). Returns
+    (device, the launcher variables set here for a lone DeepSpeed process: main() removes them at the end)."""
+    added = {}
     if ds_config is not None:
         import deepspeed
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-            os.environ.setdefault(key, value)
+        added = {key: value for key, value in ONE_PROCESS.items() if key not in os.environ}
+        os.environ.update(added)
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+        one_line_errors()  # again: the process group's own hook prefixes every line of stderr with the rank
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return device
-
-
-def log(message):
-    if RANK == 0:
-        print(message, flush=True)
+    return device, added
 
 
 # -----------------------------------------------------------------------------
-# engine: DeepSpeed or plain PyTorch, chosen once in main(). Either one gives the loop and the
-# checkpoints the same operations: forward, backward(loss), clip, step(finite, grad_norm), save_state, load_state
+# engine: DeepSpeed or plain PyTorch, chosen once in main(). Both give the loop and the checkpoints
+# the same: model, forward (the module to call), optimizer, peak_lrs, autocast, backward(loss), clip()
+# (the norm as a device tensor, or None where DeepSpeed clips and grad_norm() reads it), step(finite,
+# grad_norm), save_state(folder, step, trainable_state) and load_state(folder)
 
-def deepspeed_engine(args, model, ds_config):
+class DeepSpeedEngine:
     """DeepSpeed scales each loss by 1/accumulation and steps at the boundary; ZeRO (stages 1-3)
     skips the update and clears the gradients when their norm is not finite."""
-    import deepspeed
-    groups = param_groups(model, args)
-    if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps the optimizer on the CPU with its own Adam
-        optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    def backward(loss):  # the loss is already this micro-batch's share of the global batch's mean, and
-        engine.backward(loss * WORLD_SIZE, scale_wrt_gas=False)  # ZeRO averages the gradients over the ranks
-        engine.step()
+    def __init__(self, args, model, ds_config):
+        import deepspeed
+        groups = param_groups(model, args)
+        if ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # ZeRO-Offload steps on the CPU with its own Adam
+            optimizer = DeepSpeedCPUAdam(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.forward, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model, self.peak_lrs, self.autocast = model, [g["peak_lr"] for g in groups], nullcontext()
 
-    def save_state(folder, step, trainable_state):  # the optimizer (sharded per rank under ZeRO) and the step
-        engine.save_checkpoint(folder, tag="deepspeed", client_state={"step": step}, exclude_frozen_parameters=True)
+    def backward(self, loss):  # the loss is already this micro-batch's share of the global batch's mean, and
+        self.forward.backward(loss * world_size(), scale_wrt_gas=False)  # ZeRO averages gradients over the ranks
+        self.forward.step()
 
-    def load_state(path):
-        _, client_state = engine.load_checkpoint(path, tag="deepspeed", load_module_strict=False)
+    def clip(self):  # DeepSpeed clips at its step
+        return None
+
+    def grad_norm(self):
+        norm = self.forward.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+
+    def step(self, finite, grad_norm):  # DeepSpeed skipped a non-finite update itself
+        return finite
+
+    def save_state(self, folder, step, trainable_state):  # the optimizer (sharded per rank under ZeRO) and the step
+        self.forward.save_checkpoint(folder, tag="deepspeed", client_state={"step": step}, exclude_frozen_parameters=True)
+
+    def load_state(self, folder):
+        _, client_state = self.forward.load_checkpoint(folder, tag="deepspeed", load_module_strict=False)
         if client_state is None:
             raise ValueError("no DeepSpeed state in it")
         return client_state["step"]
-    def grad_norm():  # clipped, and the update skipped when not finite, by DeepSpeed at its step
-        norm = engine.get_global_grad_norm()
-        return math.nan if norm is None else float(norm)
-    return SimpleNamespace(model=model, forward=engine, optimizer=optimizer, peak_lrs=[g["peak_lr"] for g in groups],
-                           autocast=nullcontext(), backward=backward, clip=lambda: None, grad_norm=grad_norm, step=lambda finite, grad_norm: finite,
-                           save_state=save_state, load_state=load_state)
 
 
-def plain_engine(args, model, device, dtype):
+class PlainEngine:
     """One process: fp32 master weights, the forward under autocast, AdamW, a GradScaler for fp16."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for param in trainable:
-        param.data = param.data.float()
-    if not args.use_4bit:  # 4-bit weights were placed by device_map and must not be moved
-        model.to(device)
-    groups = param_groups(model, args)
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
 
-    def backward(loss):  # the loss is already this micro-batch's share of the step's mean
-        scaler.scale(loss).backward()
+    def __init__(self, args, model, device, dtype):
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        for param in self.trainable:
+            param.data = param.data.float()
+        if not args.use_4bit:  # 4-bit weights were placed by device_map and must not be moved
+            model.to(device)
+        groups = param_groups(model, args)
+        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                           fused=device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+        self.model = self.forward = model
+        self.peak_lrs, self.grad_clip = [g["peak_lr"] for g in groups], args.grad_clip
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    def clip():  # --grad-clip 0: no clipping (as DeepSpeed's gradient_clipping 0); the norm still flags inf/NaN
-        scaler.unscale_(optimizer)
-        return torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+    def backward(self, loss):  # the loss is already this micro-batch's share of the step's mean
+        self.scaler.scale(loss).backward()
 
-    def step(finite, grad_norm):
-        finite = finite and (math.isfinite(grad_norm) or scaler.is_enabled())  # fp16: the scaler skips overflows
+    def clip(self):  # --grad-clip 0: no clipping (as DeepSpeed's gradient_clipping 0); the norm still flags inf/NaN
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip if self.grad_clip > 0 else math.inf)
+
+    def step(self, finite, grad_norm):
+        finite = finite and (math.isfinite(grad_norm) or self.scaler.is_enabled())  # fp16: the scaler skips overflows
         if finite:
-            scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         return finite
 
-    def save_state(folder, step, trainable_state):
-        atomic_torch_save({"step": step, "trainable": trainable_state, "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict()}, os.path.join(folder, "trainer_state.pt"))
+    def save_state(self, folder, step, trainable_state):
+        atomic_torch_save({"step": step, "trainable": trainable_state, "optimizer": self.optimizer.state_dict(),
+                           "scaler": self.scaler.state_dict()}, os.path.join(folder, "trainer_state.pt"))
 
-    def load_state(path):
-        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        if set(state["trainable"]) != {name for name, p in model.named_parameters() if p.requires_grad}:
+    def load_state(self, folder):
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        if set(state["trainable"]) != {name for name, p in self.model.named_parameters() if p.requires_grad}:
             raise ValueError("its trainable parameters differ from this run's (other LoRA or model flags?)")
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        self.model.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         return state["step"]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    return SimpleNamespace(model=model, forward=model, optimizer=optimizer, peak_lrs=[g["peak_lr"] for g in groups],
-                           autocast=autocast, backward=backward, clip=clip, step=step, save_state=save_state, load_state=load_state)
 
 
 # -----------------------------------------------------------------------------
@@ -373,7 +254,7 @@ def loader(samples, indices, order, data, args, device):
                                           worker_init_fn=functools.partial(start_worker, data.lock and data.lock.fileno()))
     for batch in batches:
         if "error" in batch:
-            sys.exit(batch["error"])
+            raise UserError(batch["error"])
         yield batch
 
 
@@ -429,7 +310,7 @@ def estimate_eval_loss(engine, data, args, device):
     """The eval set's loss per label token. Each rank scores its share of the batches; all run the
     same number of forwards (ZeRO-3 needs that), so one short of a batch re-scores batch 0 unweighted."""
     batches = math.ceil(len(data.eval) / args.batch_size)
-    mine = range(RANK, math.ceil(batches / WORLD_SIZE) * WORLD_SIZE, WORLD_SIZE)
+    mine = range(rank(), math.ceil(batches / world_size()) * world_size(), world_size())
     indices = functools.partial(eval_indices, batch_size=args.batch_size, sample_count=len(data.eval))
     engine.forward.eval()
     loss_sum, count = torch.zeros((), device=device), 0
@@ -446,79 +327,102 @@ def estimate_eval_loss(engine, data, args, device):
 def train(args, engine, data, device, start_step, max_steps):
     """Steps start_step..max_steps, a checkpoint every --save-steps; SIGTERM or Ctrl-C finishes the
     step, saves and stops. Returns each step's (seconds, tokens) for the benchmark."""
-    log_path = os.path.join(args.output_dir, "log.jsonl") if RANK == 0 and not args.benchmark else None
-    if log_path:  # resuming logs the later steps again
-        trim_jsonl(log_path, lambda record: isinstance(record.get("step"), int) and record["step"] <= start_step)
-    wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
-        if args.wandb and RANK == 0 else None
+    run = start_log(args, start_step)
     accumulation = args.gradient_accumulation_steps
-    indices = functools.partial(train_indices, world_size=WORLD_SIZE, batch_size=args.batch_size,
+    indices = functools.partial(train_indices, world_size=world_size(), batch_size=args.batch_size,
                                 sample_count=len(data.train), seed=args.seed)
-    micro_batches = iter(loader(data.train, functools.partial(indices, rank=RANK),
+    micro_batches = iter(loader(data.train, functools.partial(indices, rank=rank()),
                                 range(start_step * accumulation, max_steps * accumulation), data, args, device))
-    samples_per_step = args.batch_size * accumulation * WORLD_SIZE
     stop_signals, restore_signal_handlers = catch_stop_signals()
     timings, nonfinite_in_a_row, nonfinite_total = [], 0, 0
     engine.forward.train()
     try:
         last = time.time()
         for step in range(start_step, max_steps):
-            lr = cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
-            for group, peak in zip(engine.optimizer.param_groups, engine.peak_lrs):  # each group's own peak (this
-                group["lr"] = cosine_lr(step, peak, 0.1 * peak, args.warmup_steps, max_steps)  # run's, not a checkpoint's)
+            lr = set_learning_rates(engine, args, step, max_steps)
             step_labels = sum(data.label_tokens[i] for micro in range(step * accumulation, (step + 1) * accumulation)
-                              for rank in range(WORLD_SIZE) for i in indices(micro, rank))
+                              for r in range(world_size()) for i in indices(micro, r))
             loss, tokens, stopping, grad_norm, finite = train_step(
                 engine, itertools.islice(micro_batches, accumulation), step_labels, len(stop_signals), device)
             elapsed, last, done = time.time() - last, time.time(), step + 1  # the step's sync ends it
             timings.append((elapsed, tokens))
             if done % args.log_steps == 0 or done == max_steps:
-                metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_step / elapsed,
-                           "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device)}
-                log(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                    f"{metrics['samples_per_s']:.2f} samples/s | {metrics['tokens_per_s']:.0f} tokens/s | "
-                    f"peak mem {metrics['peak_memory_gib']:.2f} GiB")
-                if log_path:
-                    append_jsonl(log_path, metrics)
-                if wandb_run:
-                    wandb_run.log(metrics, step=done)
+                log_step(run, args, device, done, max_steps, loss, lr, grad_norm, tokens, elapsed)
             nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
             nonfinite_total += not finite
             if not finite:
-                log(f"step {done}: loss not finite, step skipped ({nonfinite_in_a_row} in a row)")
-                saved = checkpoint_steps(args.output_dir)
-                stop_if_diverged(nonfinite_in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
-                                 "lower --learning-rate, or use --bf16 instead of --fp16",
-                                 f"checkpoint-{saved[-1]}" if saved else None)
+                stop_if_nonfinite(args, done, nonfinite_in_a_row)
             # no save while the loss is not finite: the weights may be ruined, the last good checkpoint stays
             if finite and not args.benchmark and (done % args.save_steps == 0 or done == max_steps or stopping):
-                if data.eval and not stopping:
-                    eval_loss = estimate_eval_loss(engine, data, args, device)
-                    log(f"step {done} | eval loss {eval_loss:.4f}")
-                    if wandb_run:
-                        wandb_run.log({"eval_loss": eval_loss}, step=done)
-                save_checkpoint(done, engine, data.processor, args)
+                evaluate_and_save(run, engine, data, args, device, done, evaluate=not stopping)
                 last = time.time()  # the next step's time excludes the save
             if stopping:
-                log(f"stopped by a signal after step {done}; continue with --resume")
+                say(f"stopped by a signal after step {done}; continue with --resume")
                 break
     finally:
         restore_signal_handlers()
     if nonfinite_total:
-        log(f"{nonfinite_total} step(s) skipped for a non-finite loss")
-    if wandb_run:
-        wandb_run.finish()
+        say(f"{nonfinite_total} step(s) skipped for a non-finite loss")
+    if run.wandb:
+        run.wandb.finish()
     return timings
+
+
+def start_log(args, start_step):
+    """Where the metrics go (rank 0: log.jsonl, which a resume trims to the steps before its own, and
+    wandb), and when the run started."""
+    path = os.path.join(args.output_dir, "log.jsonl") if rank() == 0 and not args.benchmark else None
+    if path:  # "step": the name older runs gave the iteration
+        trim_jsonl(path, lambda record: isinstance(record.get("iter", record.get("step")), int)
+                   and record.get("iter", record.get("step")) <= start_step)
+    wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
+        if args.wandb and rank() == 0 else None
+    return SimpleNamespace(path=path, wandb=wandb_run, start=time.time())
+
+
+def set_learning_rates(engine, args, step, max_steps):
+    """Each parameter group's rate on the shared cosine schedule, from its own peak (this run's, not a
+    checkpoint's); returns the language model's (--learning-rate's) for the log."""
+    for group, peak in zip(engine.optimizer.param_groups, engine.peak_lrs):
+        group["lr"] = cosine_lr(step, peak, 0.1 * peak, args.warmup_steps, max_steps)
+    return cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
+
+
+def log_step(run, args, device, done, max_steps, loss, lr, grad_norm, tokens, elapsed):
+    samples_per_s = args.batch_size * args.gradient_accumulation_steps * world_size() / elapsed
+    record = {"iter": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+              "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device),
+              "elapsed_s": round(time.time() - run.start, 3)}
+    say(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+        f"{samples_per_s:.2f} samples/s | {record['tokens_per_s']:.0f} tokens/s | "
+        f"peak mem {record['peak_memory_gib']:.2f} GiB")
+    log_metrics(run.path, run.wandb, record)
+
+
+def stop_if_nonfinite(args, done, in_a_row):
+    say(f"step {done}: loss not finite, step skipped ({in_a_row} in a row)")
+    saved = checkpoint_steps(args.output_dir)
+    stop_if_diverged(in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
+                     "lower --learning-rate, or use --bf16 instead of --fp16", f"checkpoint-{saved[-1]}" if saved else None)
+
+
+def evaluate_and_save(run, engine, data, args, device, done, evaluate):
+    """The eval set's loss (if there is one, and not when a signal asks us to stop), then a checkpoint."""
+    if data.eval and evaluate:
+        val_loss = estimate_eval_loss(engine, data, args, device)
+        say(f"step {done} | eval loss {val_loss:.4f}")
+        log_metrics(run.path, run.wandb, {"iter": done, "val_loss": val_loss, "elapsed_s": round(time.time() - run.start, 3)})
+    save_checkpoint(done, engine, data.processor, args)
 
 
 # -----------------------------------------------------------------------------
 # other jobs: --benchmark (training on synthetic samples, timed) and --merge-lora
 
 def benchmark_samples(args):
-    count = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE * (args.max_steps or 10)
+    count = args.batch_size * args.gradient_accumulation_steps * world_size() * (args.max_steps or 10)
     with disk_write("the benchmark images", args.output_dir, then="free disk space and run again"):
         samples = synthetic_samples(os.path.join(args.output_dir, "synthetic-images"), count, args.benchmark_image_size,
-                                    args.benchmark_text_words, args.seed, write_images=RANK == 0)
+                                    args.benchmark_text_words, args.seed, write_images=rank() == 0)
     barrier()  # rank 0 has written the images
     return samples
 
@@ -529,7 +433,7 @@ def report_benchmark(args, timings, dtype, device):
     measured = timings[min(2, len(timings) - 1):]
     seconds = statistics.median(elapsed for elapsed, _ in measured)
     tokens = statistics.median(count for _, count in measured)
-    samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
+    samples_per_step = args.batch_size * args.gradient_accumulation_steps * world_size()
     pixels = min(max(args.benchmark_image_size ** 2, args.min_pixels), args.max_pixels)  # as the processor resizes
     try:  # the FLOPs plan.py counts, for a sample of the size measured
         flops = vlm_flops_per_sample(vlm_arch(args.model), tokens / samples_per_step, pixels, args.use_lora,
@@ -537,13 +441,13 @@ def report_benchmark(args, timings, dtype, device):
     except ValueError:  # not a Qwen2-VL-like model
         flops = None
     peak = hardware.peak_flops(device)  # None on a CPU or an unknown GPU
-    mfu = round(flops * samples_per_step / seconds / (WORLD_SIZE * peak), 4) if flops and peak else "n/a"
+    mfu = round(flops * samples_per_step / seconds / (world_size() * peak), 4) if flops and peak else "n/a"
     result = {"bench": "vlm", "model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "world_size": WORLD_SIZE, "use_lora": args.use_lora, "use_4bit": args.use_4bit,
+              "torch": torch.__version__, "world_size": world_size(), "use_lora": args.use_lora, "use_4bit": args.use_4bit,
               "dtype": str(dtype).replace("torch.", ""), "samples_per_step": samples_per_step, "ms_per_step": 1000 * seconds,
               "samples_per_s": samples_per_step / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
               "peak_memory_gib": peak_memory_gib(device)}
-    log(json.dumps(result))
+    say(json.dumps(result))
 
 
 def merge_lora(args):
@@ -552,17 +456,17 @@ def merge_lora(args):
     checkpoint = args.merge_lora.rstrip("/")
     run_args_path = os.path.join(checkpoint, "run_args.json")
     if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) or not os.path.isfile(run_args_path):
-        fail(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no adapter_config.json/run_args.json)")
+        raise UserError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no adapter_config.json/run_args.json)")
     try:
         with open(run_args_path, encoding="utf-8") as f:
             run = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        fail(f"--merge-lora: cannot read {run_args_path} ({e}): it is not a checkpoint of train_ds.py")
+        raise UserError(f"--merge-lora: cannot read {run_args_path} ({e}): it is not a checkpoint of train_ds.py")
     if not isinstance(run, dict) or not isinstance(run.get("model"), str):
-        fail(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
+        raise UserError(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
     output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        fail(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
+        raise UserError(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
     remote_code = args.trust_remote_code  # from this command line only: a checkpoint's files never turn it on
     remove_dead_temps(output_dir)  # what a killed merge into the same folder left behind
     # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
@@ -588,7 +492,7 @@ def checked_samples(args, path, samples, processor):
     file in --output-dir (a resume does not measure again)."""
     cache_file = measures_cache(args.output_dir, path, model=args.model, image_folder=args.image_folder,
                                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    return (*measure_samples(path, samples, processor, args.max_length, args.skip_long, log, cache_file), cache_file)
+    return (*measure_samples(path, samples, processor, args.max_length, args.skip_long, cache_file), cache_file)
 
 
 def read_data_files(args):
@@ -597,16 +501,16 @@ def read_data_files(args):
     return files, {kind: read_samples(path, args.image_folder) for kind, path in files.items() if path}
 
 
-def load_data(args, zero3, files, samples):
+def load_data(args, zero3, data_files, samples):
     """The training and eval samples, checked, and the processor; then --output-dir is claimed:
     nothing is written there before the data passed its checks."""
     processor = load_processor(args.model, args.trust_remote_code, args.min_pixels, args.max_pixels)
-    checked = {kind: checked_samples(args, files[kind], samples[kind], processor) for kind in samples}
+    checked = {kind: checked_samples(args, data_files[kind], samples[kind], processor) for kind in samples}
     lock = claim_output_dir(args)  # held while we run (a DataLoader worker closes its copy)
     measures = [(measures, cache_file) for _, _, measures, cache_file in checked.values()]
     if args.benchmark:
         synthetic = benchmark_samples(args)
-        checked["train"] = (synthetic, measure_samples("the benchmark", synthetic, processor, math.inf, False, log)[1])
+        checked["train"] = (synthetic, measure_samples("the benchmark", synthetic, processor, math.inf, False)[1])
     # the loss is normalised by the label tokens; under ZeRO-3 a batch without images gets a tiny masked one
     return SimpleNamespace(train=checked["train"][0], label_tokens=checked["train"][1], processor=processor,
                            eval=checked["eval"][0] if "eval" in checked else [], dummy_image=zero3, lock=lock,
@@ -615,7 +519,7 @@ def load_data(args, zero3, files, samples):
 
 def save_data_measures(args, data):
     """Into --output-dir once the run is set up: one that fails before leaves no cache behind."""
-    for measures, cache_file in data.measures if RANK == 0 else ():
+    for measures, cache_file in data.measures if rank() == 0 else ():
         with disk_write("the data measures", args.output_dir, then="free disk space and run again"):
             save_measures(cache_file, measures)
 
@@ -626,34 +530,41 @@ def build_engine(args, dtype, device, ds_config, zero3):
         from transformers.integrations import HfDeepSpeedConfig
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- makes from_pretrained load ZeRO-3 partitioned
     model = load_model(args, dtype, device, zero3)
-    return plain_engine(args, model, device, dtype) if ds_config is None else deepspeed_engine(args, model, ds_config)
+    return PlainEngine(args, model, device, dtype) if ds_config is None else DeepSpeedEngine(args, model, ds_config)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     if args.merge_lora:
         return merge_lora(args)
     args.output_dir = args.output_dir or "out-vlm"
     dtype = choose_dtype(args)
-    ds_config = None if args.no_deepspeed else deepspeed_config(args, dtype)  # DeepSpeed or not: decided here, once
+    ds_config = None if args.no_deepspeed else deepspeed_config(args, dtype, world_size())  # decided here, once
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     check_args(args, zero3, dtype)
     resume_from = resume_path(args) if args.resume else None
-    files, samples = read_data_files(args)
-    device = start_processes(ds_config)
-    torch.manual_seed(args.seed)
-    data = load_data(args, zero3, files, samples)
-    samples_per_step = args.batch_size * args.gradient_accumulation_steps * WORLD_SIZE
+    data_files, samples = read_data_files(args)
+    device, launcher_variables = start_processes(ds_config)
+    try:
+        torch.manual_seed(args.seed)
+        fine_tune(args, dtype, ds_config, zero3, resume_from, load_data(args, zero3, data_files, samples), device)
+    finally:  # what we set for a lone DeepSpeed process goes: nothing after us in this process is under a launcher
+        for key in launcher_variables:
+            os.environ.pop(key, None)
+
+
+def fine_tune(args, dtype, ds_config, zero3, resume_from, data, device):
+    """The run, once its data is checked: steps, the model in its engine, the resume, the loop."""
+    samples_per_step = args.batch_size * args.gradient_accumulation_steps * world_size()
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data.train) / samples_per_step))
-    log(f"{len(data.train)} training samples, {samples_per_step} per step, {max_steps} steps")
+    say(f"{len(data.train)} training samples, {samples_per_step} per step, {max_steps} steps")
     saved_step = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(resume_from or "")))
     if saved_step and int(saved_step.group(1)) > max_steps:
-        fail(f"--resume: {resume_from} is at step {saved_step.group(1)}, past this run's {max_steps} steps: raise "
-             "--max-steps (or --epochs) to train on")
+        raise UserError(f"--resume: {resume_from} is at step {saved_step.group(1)}, past this run's {max_steps} "
+                        "steps: raise --max-steps (or --epochs) to train on")
     if saved_step and int(saved_step.group(1)) == max_steps:
-        log(f"{resume_from} is at step {max_steps}, this run's last: nothing to train (raise --max-steps to go on)")
-    if RANK == 0:
-        log(vlm_start_line(args, WORLD_SIZE, device, ds_config))  # expected peak memory; warns if it will not fit
+        say(f"{resume_from} is at step {max_steps}, this run's last: nothing to train (raise --max-steps to go on)")
+    say(vlm_start_line(args, world_size(), device, ds_config))  # expected peak memory; warns if it will not fit
     engine = build_engine(args, dtype, device, ds_config, zero3)
     start_step = resume_checkpoint(resume_from, engine) if args.resume else 0
     save_data_measures(args, data)
@@ -665,4 +576,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_errors()
     main()

@@ -11,16 +11,10 @@ import shutil
 
 import torch
 
-from utils import (atomic_torch_save, barrier, disk_write, fail, fsync_dir, get_rng_state, lock_folder,
-                   remove_stale_temps, set_rng_state)
-
-RANK = int(os.environ.get("RANK", 0))  # from the launcher; rank 0 alone writes the shared files
-WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
-
-
-def log(message):
-    if RANK == 0:
-        print(message, flush=True)
+from configurator import UserError
+from files import atomic_torch_save, disk_write, fsync_dir, lock_folder, remove_stale_temps
+from runtime import barrier, rank, say, world_size
+from training import get_rng_state, set_rng_state
 
 
 def gathered_state_dict(model, trainable_only):
@@ -33,7 +27,7 @@ def gathered_state_dict(model, trainable_only):
         if hasattr(param, "ds_id"):  # partitioned by ZeRO-3 (DeepSpeed's own test)
             import deepspeed
             with deepspeed.zero.GatheredParameters([param]):
-                state[name] = param.detach().cpu().clone() if RANK == 0 else None
+                state[name] = param.detach().cpu().clone() if rank() == 0 else None
         else:
             state[name] = param.detach().cpu().clone()
     return state
@@ -55,7 +49,7 @@ def claim_output_dir(args):
     """Rank 0 holds --output-dir's lock for the whole run, so a second run on it is refused, and
     removes what a killed run of ours left half-written: our own temp names only, never a user's.
     Returns the lock: keep it referenced."""
-    if RANK != 0:
+    if rank() != 0:
         return None
     lock = lock_folder(args.output_dir, "--output-dir")
     for name in os.listdir(args.output_dir):
@@ -75,8 +69,8 @@ def discard_checkpoint(path):
 def save_checkpoint(step, engine, processor, args):
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
-    saving = functools.partial(disk_write, f"checkpoint-{step}", args.output_dir, partial=tmp if RANK == 0 else None)
-    if RANK == 0:
+    saving = functools.partial(disk_write, f"checkpoint-{step}", args.output_dir, partial=tmp if rank() == 0 else None)
+    if rank() == 0:
         with saving():
             os.makedirs(tmp)
     barrier()
@@ -84,15 +78,15 @@ def save_checkpoint(step, engine, processor, args):
     weights = gathered_state_dict(engine.model, trainable_only=args.use_lora)
     trainable = {name: weights[name] for name, param in engine.model.named_parameters() if param.requires_grad}
     with saving():
-        if RANK == 0:  # LoRA: adapter_model.safetensors + adapter_config.json (modules_to_save included)
+        if rank() == 0:  # LoRA: adapter_model.safetensors + adapter_config.json (modules_to_save included)
             engine.model.save_pretrained(tmp, state_dict=weights)
             processor.save_pretrained(tmp)
             with open(os.path.join(tmp, "run_args.json"), "w") as f:
-                json.dump(dict(vars(args), world_size=WORLD_SIZE), f, indent=2)
+                json.dump(dict(vars(args), world_size=world_size()), f, indent=2)
         engine.save_state(tmp, step, trainable)  # optimizer and step: DeepSpeed's files, or trainer_state.pt
-        atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{RANK}.pt"))
+        atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{rank()}.pt"))
     barrier()
-    if RANK == 0:
+    if rank() == 0:
         with saving():  # some filesystems report a full disk only here
             for root, _, files in os.walk(tmp):  # everything on disk before the folder appears
                 for name in files:
@@ -105,7 +99,7 @@ def save_checkpoint(step, engine, processor, args):
         fsync_dir(args.output_dir)
         for old in checkpoint_steps(args.output_dir)[: -args.keep_last]:
             discard_checkpoint(os.path.join(args.output_dir, f"checkpoint-{old}"))
-        log(f"saved {final}")
+        say(f"saved {final}")
     barrier()
 
 
@@ -122,32 +116,32 @@ def resume_path(args):
     if args.resume == "latest":
         steps = checkpoint_steps(args.output_dir)
         if not steps:
-            fail(f"--resume: no checkpoint-* folder in {args.output_dir}")
+            raise UserError(f"--resume: no checkpoint-* folder in {args.output_dir}")
         path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
     else:
         path = args.resume
     if not os.path.isdir(path):
-        fail(f"--resume: checkpoint {path} not found")
+        raise UserError(f"--resume: checkpoint {path} not found")
     try:
         with open(os.path.join(path, "run_args.json"), encoding="utf-8") as f:
             trained = json.load(f)
     except (OSError, ValueError):
         trained = None
     if not isinstance(trained, dict):
-        fail(f"--resume: {path} is not a checkpoint of train_ds.py (it has no readable run_args.json): "
+        raise UserError(f"--resume: {path} is not a checkpoint of train_ds.py (it has no readable run_args.json): "
              f"give a checkpoint-N folder")
     if not same_model(trained.get("model"), args.model):
-        fail(f"--resume: {path} was trained from --model {trained.get('model')}, not {args.model}: resume with that "
+        raise UserError(f"--resume: {path} was trained from --model {trained.get('model')}, not {args.model}: resume with that "
              "--model, or start a new run in another --output-dir")
-    now = dict(vars(args), world_size=WORLD_SIZE)
+    now = dict(vars(args), world_size=world_size())
     for key in SAME_MODEL:
         if key in trained and trained[key] != now[key]:
             flag = "--" + key.replace("_", "-")
-            fail(f"--resume: {path} was trained with {flag} {trained[key]}, this run has {now[key]}: resume with "
+            raise UserError(f"--resume: {path} was trained with {flag} {trained[key]}, this run has {now[key]}: resume with "
                  "the flags it was trained with, or start a new run in another --output-dir")
     for key in SAME_DATA_ORDER:
         if key in trained and trained[key] != now[key]:
-            log(f"note: {key.replace('_', ' ')} {now[key]} where {path} had {trained[key]}: the samples from here on "
+            say(f"note: {key.replace('_', ' ')} {now[key]} where {path} had {trained[key]}: the samples from here on "
                 "are not those of an unbroken run")
     return path
 
@@ -163,14 +157,14 @@ def resume_checkpoint(path, engine):
     position and the learning rate are functions of the step, so they follow."""
     try:
         step = engine.load_state(path)
-    except SystemExit:
+    except UserError:
         raise
     except Exception as e:
-        fail(f"--resume: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    rng_path = os.path.join(path, f"rng_state_{RANK}.pt")
+        raise UserError(f"--resume: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    rng_path = os.path.join(path, f"rng_state_{rank()}.pt")
     if os.path.exists(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=True))
     else:
-        log(f"warning: {path} has no RNG state for rank {RANK}; dropout will differ from an unbroken run")
-    log(f"resumed from {path} at step {step}")
+        say(f"warning: {path} has no RNG state for rank {rank()}; dropout will differ from an unbroken run")
+    say(f"resumed from {path} at step {step}")
     return step

@@ -9,16 +9,18 @@ run with one line naming the file and the record. A sample is (messages, image p
 """
 import functools
 import hashlib
+import inspect
 import json
 import os
-import sys
 
 import torch
 from PIL import Image, UnidentifiedImageError
 import transformers
 from transformers import AutoProcessor
 
-from utils import atomic_write_text, fail
+from configurator import UserError
+from files import atomic_write_text
+from runtime import rank, say
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -28,9 +30,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 def read_records(path):
     if os.path.isdir(path):
-        fail(f"data file {path} is a folder: give the .json or .jsonl file in it")
+        raise UserError(f"data file {path} is a folder: give the .json or .jsonl file in it")
     if not os.path.isfile(path):
-        fail(f"data file {path} not found (for the demo set run: python data/vlm_demo/prepare.py)")
+        raise UserError(f"data file {path} not found (for the demo set run: python data/vlm_demo/prepare.py)")
     try:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
@@ -39,16 +41,16 @@ def read_records(path):
             else:
                 records = json.load(f)
     except UnicodeDecodeError:
-        fail(f"{path} is not UTF-8 text: save it as UTF-8")
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8")
     except json.JSONDecodeError as e:
-        fail(f"{path} is not valid JSON: {e}")
+        raise UserError(f"{path} is not valid JSON: {e}")
     except OSError as e:
-        fail(f"cannot read {path}: {e.strerror}")
+        raise UserError(f"cannot read {path}: {e.strerror}")
     if not isinstance(records, list):
-        fail(f"{path} must hold a list of objects (one per sample), not a JSON {type(records).__name__}")
+        raise UserError(f"{path} must hold a list of objects (one per sample), not a JSON {type(records).__name__}")
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            fail(f"{path} record {index} is a JSON {type(record).__name__}, not an object (one per sample)")
+            raise UserError(f"{path} record {index} is a JSON {type(record).__name__}, not an object (one per sample)")
     return records
 
 
@@ -56,7 +58,7 @@ def parse_json_line(line, where):
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        fail(f"{where} is not valid JSON ({e.msg} at column {e.pos + 1})")
+        raise UserError(f"{where} is not valid JSON ({e.msg} at column {e.pos + 1})")
 
 
 def split_placeholders(content, where):
@@ -65,11 +67,11 @@ def split_placeholders(content, where):
         for item in content:
             if not (isinstance(item, dict) and (item.get("type") == "image" or
                                                 item.get("type") == "text" and isinstance(item.get("text"), str))):
-                fail(f"{where}: a content list holds only {{\"type\": \"text\", \"text\": \"...\"}} and "
+                raise UserError(f"{where}: a content list holds only {{\"type\": \"text\", \"text\": \"...\"}} and "
                      f"{{\"type\": \"image\"}} items, not {json.dumps(item)[:80]}")
         return content
     if not isinstance(content, str):
-        fail(f"{where}: message content must be a string or a list, not {json.dumps(content)[:80]}")
+        raise UserError(f"{where}: message content must be a string or a list, not {json.dumps(content)[:80]}")
     items = []
     for i, text in enumerate(content.split("<image>")):
         if i > 0:
@@ -86,28 +88,28 @@ def to_messages(record, where, image_folder):
     elif "messages" in record:
         turns_key, role_key, content_key, images_key = "messages", "role", "content", "images"
     else:
-        fail(f"{where}: no 'conversations' (LLaVA format) or 'messages' key")
+        raise UserError(f"{where}: no 'conversations' (LLaVA format) or 'messages' key")
     turns, images = record[turns_key], record.get(images_key)
     if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
-        fail(f"{where}: '{turns_key}' must be a list of objects with '{role_key}' and '{content_key}'")
+        raise UserError(f"{where}: '{turns_key}' must be a list of objects with '{role_key}' and '{content_key}'")
     if not turns:
-        fail(f"{where}: empty conversation")
+        raise UserError(f"{where}: empty conversation")
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
-        fail(f"{where}: '{images_key}' must be an image file name or a list of them")
+        raise UserError(f"{where}: '{images_key}' must be an image file name or a list of them")
     messages = []
     for turn in turns:
         role = turn.get(role_key)
         if not isinstance(role, str) or role not in ROLES:
-            fail(f"{where}: unknown role {role!r} (use human/gpt or user/assistant/system)")
+            raise UserError(f"{where}: unknown role {role!r} (use human/gpt or user/assistant/system)")
         messages.append({"role": ROLES[role], "content": split_placeholders(turn.get(content_key, ""), where)})
     speakers = [m["role"] for m in messages if m["role"] != "system"]
     if speakers and speakers[0] != "user":  # a reply to nothing: chat templates cannot render it
-        fail(f"{where}: the conversation starts with the assistant; it must start with a user (human) turn, "
+        raise UserError(f"{where}: the conversation starts with the assistant; it must start with a user (human) turn, "
              "after an optional system one")
     placeholders = sum(item.get("type") == "image" for m in messages for item in m["content"])
     if placeholders != len(images):
-        fail(f"{where}: {placeholders} <image> placeholder(s) but {len(images)} image(s); they must match")
+        raise UserError(f"{where}: {placeholders} <image> placeholder(s) but {len(images)} image(s); they must match")
     return messages, [os.path.join(image_folder, name) for name in images]
 
 
@@ -117,11 +119,11 @@ def load_image(path, where, decode=True):
         with Image.open(path) as image:
             return image.convert("RGB") if decode else (image.height, image.width)
     except FileNotFoundError:
-        fail(f"{where}: image {path} not found (check --image-folder)")
+        raise UserError(f"{where}: image {path} not found (check --image-folder)")
     except Image.DecompressionBombError as e:  # not an OSError
-        fail(f"{where}: image {path} is too large to decode safely ({e}): shrink it")
+        raise UserError(f"{where}: image {path} is too large to decode safely ({e}): shrink it")
     except (UnidentifiedImageError, OSError) as e:
-        fail(f"{where}: image {path} is unreadable ({e})")
+        raise UserError(f"{where}: image {path} is unreadable ({e})")
 
 
 def read_samples(path, image_folder=None):
@@ -133,43 +135,43 @@ def read_samples(path, image_folder=None):
         where = f"{path} record {index}" + (f" (id {record['id']})" if "id" in record else "")
         samples.append((*to_messages(record, where, image_folder), where))
     if not samples:
-        fail(f"{path} holds no records: give at least one conversation (see the README for the formats)")
+        raise UserError(f"{path} holds no records: give at least one conversation (see the README for the formats)")
     return samples
 
 
-def measure_samples(path, samples, processor, max_length, skip_long, log=print, cache_file=None):
+def measure_samples(path, samples, processor, max_length, skip_long, cache_file=None):
     """Check that every sample fits max_length and has a reply to learn from. Returns the samples kept
-    (skip_long drops the long ones and says how many through log), each one's label-token count, and
+    (skip_long drops the long ones and says how many), each one's label-token count, and
     every sample's [length, label tokens] for save_measures. Read from cache_file when it exists."""
     measures = read_measures(cache_file, len(samples)) or measure_on_all_ranks(samples, processor)
     kept, label_tokens, too_long = [], [], 0
     for sample, (length, labels) in zip(samples, measures):
         if length > max_length:  # never truncate: a cut could land inside an image's tokens
             if not skip_long:
-                fail(f"{sample[2]}: {length} tokens (image tokens included) is longer than --max-length "
+                raise UserError(f"{sample[2]}: {length} tokens (image tokens included) is longer than --max-length "
                      f"{max_length}; raise it, lower --max-pixels, or pass --skip-long")
             too_long += 1
         elif labels == 0:  # its loss would be 0/0
-            fail(f"{sample[2]}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
+            raise UserError(f"{sample[2]}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
                  "or remove the record")
         else:
             kept.append(sample)
             label_tokens.append(labels)
     if too_long:
-        log(f"skipped {too_long} sample(s) of {path} longer than --max-length {max_length}")
+        say(f"skipped {too_long} sample(s) of {path} longer than --max-length {max_length}")
     if not kept:
-        fail(f"{path}: no samples left to train on")
+        raise UserError(f"{path}: no samples left to train on")
     return kept, label_tokens, measures
 
 
 def measure_on_all_ranks(samples, processor):
     """Each rank measures every world_size-th sample; every rank gets all of them. A rank that meets a
     bad record says so on all: rank 0 measures that rank's share again, fails with its line, the rest exit."""
-    rank = int(os.environ.get("RANK", 0))
+    me = rank()
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     try:
-        mine = measure(samples[rank::world_size], processor)
-    except SystemExit:  # fail(): worded on rank 0 only
+        mine = measure(samples[me::world_size], processor)
+    except UserError:  # worded on rank 0 only
         mine = None
     shares = [mine]
     if world_size > 1:
@@ -177,9 +179,9 @@ def measure_on_all_ranks(samples, processor):
         torch.distributed.all_gather_object(shares, mine)
     for failed, share in enumerate(shares):
         if share is None:
-            if rank == 0:
-                measure(samples[failed::world_size], processor)
-            sys.exit(1)
+            if me == 0:
+                measure(samples[failed::world_size], processor)  # raises that share's UserError
+            raise UserError(f"rank {failed} met a bad record")  # said on rank 0 only: its line is above
     measures = [None] * len(samples)
     for r, share in enumerate(shares):
         measures[r::world_size] = share
@@ -202,13 +204,13 @@ def measure(samples, processor):
                 try:
                     processor._get_num_multimodal_tokens(image_sizes=[size])
                 except ValueError as e:
-                    fail(f"{where}: image {path} ({size[1]}x{size[0]}) cannot be used ({first_line(e)}): crop or pad it")
+                    raise UserError(f"{where}: image {path} ({size[1]}x{size[0]}) cannot be used ({first_line(e)}): crop or pad it")
         raise
     rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
     encoded = processor.tokenizer([text for text, _ in rendered], return_offsets_mapping=True)
     image_id, measures = image_token_id_of(processor), []
     for (_, spans), ids, offsets, sample_sizes in zip(rendered, encoded["input_ids"], encoded["offset_mapping"], sizes):
-        labels = sum(token != image_id and any(a <= start < b for a, b in spans) for token, (start, _) in zip(ids, offsets))
+        labels = sum(is_label(token, start, spans, image_id) for token, (start, _) in zip(ids, offsets))
         expanded = sum(next(image_tokens) for _ in sample_sizes) - ids.count(image_id)  # placeholder -> its tokens
         measures.append([len(ids) + expanded, labels])
     return measures
@@ -219,9 +221,16 @@ def measures_cache(output_dir, data_path, **settings):
     modification time included, so a changed file (or model, or pixel budget) is measured again."""
     info = os.stat(data_path)
     key = dict(settings, data=os.path.abspath(data_path), size=info.st_size, mtime_ns=info.st_mtime_ns,
-               transformers=transformers.__version__)
+               transformers=transformers.__version__,
+               label_rule=label_rule_version())  # the counts weight the loss: an edited rule must not reuse them
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(output_dir, "data-cache", f"{os.path.basename(data_path)}-{digest}.json")
+
+
+def label_rule_version():
+    """A short hash of the source of the code that picks and counts the label tokens (looked up at each call)."""
+    rule = (is_label, assistant_spans, with_end_tokens, assistant_labels, measure, encode)
+    return hashlib.sha256("".join(inspect.getsource(function) for function in rule).encode()).hexdigest()[:12]
 
 
 def read_measures(cache_file, count):
@@ -273,9 +282,9 @@ def load_processor(model, trust_remote_code, min_pixels, max_pixels):
             processor = without_video(processor_class_of(model, trust_remote_code)).from_pretrained(
                 model, trust_remote_code=trust_remote_code)
     except Exception as e:  # a missing file, a bad config, a missing package: one line, whatever transformers raised
-        fail(f"cannot load a processor from {model}: {type(e).__name__}: {first_line(e)}")
+        raise UserError(f"cannot load a processor from {model}: {type(e).__name__}: {first_line(e)}")
     if not getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
-        fail(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
+        raise UserError(f"{model} has no chat template; use an instruction-tuned model or add one to its processor")
     if getattr(processor.image_processor, "merge_size", None) and min_pixels and max_pixels:
         size = processor.image_processor.size  # the form transformers 5 asks for (min/max_pixels are deprecated)
         processor.image_processor.size = type(size)(shortest_edge=min_pixels, longest_edge=max_pixels)
@@ -316,7 +325,7 @@ def assistant_spans(messages, processor):
             continue
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
         if not (text.startswith(through) and through.startswith(before)):
-            fail("the chat template does not render a conversation turn by turn, so the assistant's "
+            raise UserError("the chat template does not render a conversation turn by turn, so the assistant's "
                  "replies cannot be located; use a model whose template does (e.g. Qwen2-VL, LLaVA-1.5)")
         spans.append((len(before), len(through.rstrip())))
     return with_end_tokens(text, spans, processor.tokenizer)
@@ -336,6 +345,12 @@ def with_end_tokens(text, spans, tokenizer):
     return "".join(pieces) + text[last:], new_spans
 
 
+def is_label(token, start, spans, image_token_id):
+    """The rule of which tokens carry the loss: a text token that starts (character `start`) inside an
+    assistant span, never an image token. encode's labels and measure's counts both follow it."""
+    return token != image_token_id and any(a <= start < b for a, b in spans)
+
+
 def assistant_labels(text, spans, input_ids, processor):
     """input_ids of one sample (image placeholders expanded) -> labels: the token where it starts
     inside an assistant span, -100 elsewhere (system, user, image tokens)."""
@@ -349,7 +364,7 @@ def assistant_labels(text, spans, input_ids, processor):
                 j += 1
             continue
         assert input_ids[j] == token, "processor and tokenizer disagree on the text tokens"
-        labels.append(token if any(a <= start < b for a, b in spans) else -100)
+        labels.append(token if is_label(token, start, spans, image_token_id) else -100)
         j += 1
     assert j == len(input_ids)
     return labels
@@ -429,5 +444,5 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             return encode([self.samples[j] for j in self.indices(i)], self.processor, self.dummy_image)
-        except SystemExit as e:  # fail(): one line, already worded for the user
-            return {"error": e.code}
+        except UserError as e:  # one line, already worded for the user
+            return {"error": str(e)}

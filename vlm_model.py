@@ -11,17 +11,13 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from utils import barrier, disk_write, fail
+from configurator import UserError
+from files import disk_write
+from runtime import barrier, rank, say
 from vlm_data import first_line
 
 VISION_TOWERS = ("visual", "vision_tower")
 PROJECTORS = ("merger", "multi_modal_projector")
-RANK = int(os.environ.get("RANK", 0))
-
-
-def log(message):
-    if RANK == 0:
-        print(message, flush=True)
 
 
 def part_of(name):
@@ -35,13 +31,13 @@ def from_pretrained(path, **kwargs):
     try:
         return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except Exception as e:  # a missing file or package, a model type this transformers lacks, no memory: one line
-        fail(f"cannot load the model from {path}: {type(e).__name__}: {first_line(e)}")
+        raise UserError(f"cannot load the model from {path}: {type(e).__name__}: {first_line(e)}")
 
 
 def random_init_folder(args):
     """--random-init: random weights from the config, saved once and loaded the normal way (4-bit needs that)."""
     folder = os.path.join(args.output_dir, "random-init")
-    if RANK == 0 and not os.path.exists(folder):
+    if rank() == 0 and not os.path.exists(folder):
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         random_model = AutoModelForImageTextToText.from_config(config, trust_remote_code=args.trust_remote_code)
         with disk_write("the random-init weights", args.output_dir, "free disk space and run again", partial=folder):
@@ -78,7 +74,7 @@ def load_model(args, dtype, device, zero3):
     if args.use_lora:
         model = add_lora(model, args)
     parameter_count = lambda params: sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: numel() is 0
-    log(f"{parameter_count(p for p in model.parameters() if p.requires_grad):,} trainable of "
+    say(f"{parameter_count(p for p in model.parameters() if p.requires_grad):,} trainable of "
         f"{parameter_count(model.parameters()):,} parameters")
     return model
 
@@ -94,7 +90,7 @@ def lora_targets(model, args):
         return linear
     wanted = args.lora_target_modules.split(",")
     for leaf in set(wanted) - {name.split(".")[-1] for name in linear}:
-        fail(f"--lora-target-modules {leaf}: no linear layer of that name in the {' or the '.join(parts)} model; "
+        raise UserError(f"--lora-target-modules {leaf}: no linear layer of that name in the {' or the '.join(parts)} model; "
              "name linear layers, e.g. q_proj,v_proj")
     return [name for name in linear if name.split(".")[-1] in wanted]
 
@@ -106,7 +102,7 @@ def fully_trained_modules(model, args):
     modules = [name for name, _ in model.named_modules()]
     for wanted in names:  # peft ignores a name that matches nothing: the user would train less than asked
         if not any(name == wanted or name.endswith("." + wanted) for name in modules):
-            fail(f"--modules-to-save {wanted}: {args.model} has no module of that name")
+            raise UserError(f"--modules-to-save {wanted}: {args.model} has no module of that name")
     roots = (VISION_TOWERS if args.train_vision else ()) + (PROJECTORS if args.train_projector else ())
     found = [name for name in modules if name.split(".")[-1] in roots]
     found = [name for name in found if not any(name.startswith(other + ".") for other in found)]  # outermost only
@@ -119,14 +115,14 @@ def add_lora(model, args):
     modules = dict(model.named_modules())
     narrowest = min(min(modules[name].in_features, modules[name].out_features) for name in targets)
     if args.lora_r > narrowest:
-        fail(f"--lora-r {args.lora_r} is above the narrowest adapted layer's width ({narrowest}): no layer has a rank "
+        raise UserError(f"--lora-r {args.lora_r} is above the narrowest adapted layer's width ({narrowest}): no layer has a rank "
              "that high; use a smaller --lora-r (8 to 64 is usual)")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=fully_trained_modules(model, args))
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # a module peft cannot wrap
-        fail(f"peft cannot apply these LoRA settings: {first_line(e)}")
+        raise UserError(f"peft cannot apply these LoRA settings: {first_line(e)}")
 
 
 def param_groups(model, args):

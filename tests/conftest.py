@@ -62,11 +62,12 @@ def tiny_hf_gpt2(folder, seed=0, **sizes):
 
 def run_inline(script, *args):
     """Run one of the repo's scripts in this process, as `python script args` would, and return
-    (exit code, the message it exited with). Cheap, for inputs refused before any real work: an
-    exception other than SystemExit escapes and fails the calling test, as a traceback would."""
+    (exit code, the message it exited with: a UserError's one line). Cheap, for inputs refused before
+    any real work: any other exception escapes and fails the calling test, as a traceback would."""
     import gc
     import runpy
     import signal
+    from configurator import UserError
     argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [script, *map(str, args)]
     try:
@@ -74,6 +75,8 @@ def run_inline(script, *args):
         code = 0
     except SystemExit as e:
         code = e.code
+    except UserError as e:
+        code = f"error: {e}"  # what one_line_errors prints
     finally:
         sys.argv = argv
         signal.signal(signal.SIGINT, handler)  # the scripts install their own

@@ -495,8 +495,8 @@ SAMPLE_RANGES = {'num_samples': '[1, inf)', 'max_new_tokens': '[1, inf)', 'tempe
 @pytest.mark.parametrize('script,name,default', [('train.py', n, v) for n, v in settings_of('train.py')] +
                          [('sample.py', n, v) for n, v in settings_of('sample.py')])
 def test_every_setting_refuses_a_value_outside_its_range(script, name, default, finished_run, char_data, monkeypatch):
-    import utils
-    ranges = utils.TRAIN_RANGES if script == 'train.py' else SAMPLE_RANGES
+    from gpt_settings import TRAIN_RANGES
+    ranges = TRAIN_RANGES if script == 'train.py' else SAMPLE_RANGES
     value = refused_value(name, default, ranges)
     monkeypatch.chdir(REPO)
     base = [*TINY, f'--dataset={char_data}', f'--out_dir={finished_run}'] if script == 'train.py' else \

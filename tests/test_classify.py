@@ -135,7 +135,7 @@ def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path
     import tiktoken
     import torch
     import torch.nn.functional as F
-    import utils
+    from gpt_checkpoint import load_gpt
     from conftest import tiny_hf_gpt2
     tiny_hf_gpt2(tmp_path / "base", vocab_size=50257, n_layer=2, n_embd=32, n_positions=32)
     adapters = train_class_models(corpus, tmp_path / "lora", f"--init_from={tmp_path / 'base'}", "--lora_rank=4",
@@ -149,7 +149,7 @@ def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path
         labels = json.load(f)
     enc = tiktoken.get_encoding("gpt2")
     for name, folder, prior in zip(labels["names"], labels["folders"], labels["priors"]):
-        model = utils.load_gpt(str(tmp_path / "lora" / folder / "ckpt.pt"), "")[0].eval()  # alone, on its own base
+        model = load_gpt(str(tmp_path / "lora" / folder / "ckpt.pt"), "")[0].eval()  # alone, on its own base
         for document, prediction in zip(documents, predictions):
             tokens = torch.tensor([[enc.eot_token] + enc.encode_ordinary(document) + [enc.eot_token]])
             assert tokens.size(1) <= 32  # one window: the whole document
@@ -159,14 +159,11 @@ def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path
 
 
 def test_long_documents_are_scored_in_windows_that_predict_every_token_once():
-    # classify.py reads its settings when imported: take the function alone from its source
-    source = open(os.path.join(REPO, "classify.py")).read()
-    namespace = {}
-    exec(source[source.index("def windows("):source.index("@torch.no_grad()")], namespace)
+    from classify import windows
     tokens = list(range(100))
     for block_size, step in ((16, 8), (16, 16), (32, 5), (200, 100)):
         scored = []
-        for inputs, targets, skip in namespace["windows"](tokens, block_size, step):
+        for inputs, targets, skip in windows(tokens, block_size, step):
             assert len(inputs) == len(targets) <= block_size and targets == [t + 1 for t in inputs]
             assert skip == 0 or skip >= block_size - step  # after the first window: at least that much context
             scored += targets[skip:]

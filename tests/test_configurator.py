@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from configurator import ConfigError, configure, read_defaults
+from configurator import UserError, configure, read_defaults
 from model import GPT, GPTConfig, PRETRAINED
 
 DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, init_from='scratch', wandb_run_name='gpt2', top_p=None)
@@ -22,23 +22,23 @@ def test_overrides_are_typed_and_reported():
 
 
 def test_unknown_key_suggests_the_closest():
-    with pytest.raises(ConfigError, match='unknown setting --batch_sise; did you mean batch_size'):
+    with pytest.raises(UserError, match='unknown setting --batch_sise; did you mean batch_size'):
         configure(['--batch_sise=3'], dict(DEFAULTS))
 
 
 def test_wrong_type_names_the_expected_type():
-    with pytest.raises(ConfigError, match="batch_size must be int like the default 12, got str 'big'"):
+    with pytest.raises(UserError, match="batch_size must be int like the default 12, got str 'big'"):
         configure(['--batch_size=big'], dict(DEFAULTS))
-    with pytest.raises(ConfigError, match='batch_size must be int'):
+    with pytest.raises(UserError, match='batch_size must be int'):
         configure(['--batch_size=2.5'], dict(DEFAULTS))
-    with pytest.raises(ConfigError, match='compile must be bool'):
+    with pytest.raises(UserError, match='compile must be bool'):
         configure(['--compile=1'], dict(DEFAULTS))
 
 
 def test_missing_value_and_missing_file():
-    with pytest.raises(ConfigError, match='has no value'):
+    with pytest.raises(UserError, match='has no value'):
         configure(['--compile'], dict(DEFAULTS))
-    with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
+    with pytest.raises(UserError, match="config file 'nope.py' not found"):
         configure(['nope.py'], dict(DEFAULTS))
 
 
@@ -47,7 +47,7 @@ def test_values_are_never_evaluated_as_code(tmp_path):
     config = dict(DEFAULTS)
     configure([f"--init_from=__import__('os').system('touch {marker}')"], config)
     assert not marker.exists() and config['init_from'].startswith('__import__')
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         configure([f"--batch_size=__import__('os').system('touch {marker}')"], dict(DEFAULTS))
     assert not marker.exists()
 
@@ -60,11 +60,11 @@ def test_config_file_is_checked_like_overrides(tmp_path):
     assert config['batch_size'] == 1 and config['learning_rate'] == 1e-3
     typo = tmp_path / 'typo.py'
     typo.write_text("learning_rat = 1e-3\n")
-    with pytest.raises(ConfigError, match='unknown setting learning_rat in .*typo.py; did you mean learning_rate'):
+    with pytest.raises(UserError, match='unknown setting learning_rat in .*typo.py; did you mean learning_rate'):
         configure([str(typo)], dict(DEFAULTS))
     broken = tmp_path / 'broken.py'
     broken.write_text("batch_size = (\n")
-    with pytest.raises(ConfigError, match='broken.py.* failed: SyntaxError'):
+    with pytest.raises(UserError, match='broken.py.* failed: SyntaxError'):
         configure([str(broken)], dict(DEFAULTS))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt_lora
-import utils
+from gpt_checkpoint import load_gpt
 from conftest import TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
 from model import GPT
 
@@ -109,11 +109,11 @@ def test_export_merges_the_adapter_and_transformers_gives_its_logits(lora_runs, 
 def test_lora_class_models_share_one_base_and_switch_adapters(lora_runs):
     paths = [os.path.join(run, 'ckpt.pt') for run in lora_runs]
     with torch.no_grad():
-        first, _ = utils.load_gpt(paths[0], '')
+        first, _ = load_gpt(paths[0], '')
         logits_a = first.eval()(batch())[0]
-        shared, _ = utils.load_gpt(paths[1], '', reuse=first)
+        shared, _ = load_gpt(paths[1], '', reuse=first)
         assert shared is first  # the second adapter joined the first model's base
-        alone = utils.load_gpt(paths[1], '')[0].eval()(batch())[0]
+        alone = load_gpt(paths[1], '')[0].eval()(batch())[0]
         torch.testing.assert_close(shared.eval()(batch())[0], alone, atol=1e-6, rtol=0)
         assert not torch.allclose(alone, logits_a, atol=1e-4)
         gpt_lora.activate(shared, 'default')  # back to the first class's adapter

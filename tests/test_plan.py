@@ -13,7 +13,9 @@ import gpt_lora
 import memory
 import plan
 import vlm_fixtures
+from configurator import UserError
 from conftest import REPO
+from gpt_settings import gpt_shape
 from model import GPT, GPTConfig
 
 
@@ -85,7 +87,7 @@ def test_gpt_parameter_count_matches_the_model(bias):
 
 
 def gpt2_medium_peak(batch_size=2, activation_checkpointing=False):
-    shape = memory.gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
+    shape = gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
     return sum(memory.gpt_memory(shape, batch_size, 1, "bfloat16", activation_checkpointing=activation_checkpointing).values())
 
 
@@ -98,7 +100,7 @@ def test_activation_checkpointing_needs_less_memory():
 
 
 def test_the_fused_loss_counts_one_chunk_of_logits_not_all_of_them():
-    shape = memory.gpt_shape(plan.gpt_config([]))  # GPT-2 small, as train.py's defaults
+    shape = gpt_shape(plan.gpt_config([]))  # GPT-2 small, as train.py's defaults
     plain, fused = (memory.gpt_memory(shape, 8, 1, "float16", fused_loss=f) for f in (False, True))
     GiB = 2 ** 30
     assert plain["logits + loss"] > 5 * GiB and fused["logits + loss"] < 0.6 * GiB  # B*T*V at 8 x 1024, or a chunk
@@ -121,7 +123,7 @@ def test_plan_takes_the_largest_micro_batch_that_fits_and_says_what_it_costs(cap
 
 
 def test_lora_drops_gradients_and_optimizer_state_to_a_fraction():
-    shape = memory.gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
+    shape = gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
     full = memory.gpt_memory(shape, 2, 1, "bfloat16")
     lora = memory.gpt_memory(shape, 2, 1, "bfloat16", lora_rank=8, lora_dropout=0.05)
     assert lora["weights"] < 1.01 * full["weights"]  # the frozen model, plus adapters of <1% its size
@@ -307,7 +309,7 @@ def test_docs_tables_are_deterministic_and_only_the_marked_regions_change(tmp_pa
 def test_docs_without_markers_is_a_one_line_error(tmp_path):
     path = tmp_path / "PLANNING.md"
     path.write_text("# no markers\n")
-    with pytest.raises(SystemExit, match="no '<!-- plan:gpt-table -->'"):
+    with pytest.raises(UserError, match="no '<!-- plan:gpt-table -->'"):
         plan.update_docs(str(path))
 
 
@@ -316,7 +318,7 @@ def test_docs_without_markers_is_a_one_line_error(tmp_path):
 
 def test_gpt_start_line_on_cpu_gives_memory_and_tokens_without_warning():
     config = plan.gpt_config([os.path.join(REPO, "config/train_shakespeare_char.py")])
-    line = memory.gpt_start_line(config, world_size=1, device="cpu")
+    line = memory.gpt_start_line(config, world_size=1, device="cpu", shape=gpt_shape(config), dtype="float32")
     assert line.startswith("plan: peak ~") and "16,384 tokens/iter" in line and "warning" not in line
 
 

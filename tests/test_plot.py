@@ -10,7 +10,7 @@ def fake_run(folder, evals, seconds_per_iter, with_time=True):
     folder.mkdir()
     with open(folder / "log.jsonl", "w") as f:
         for it in range(0, 40):
-            record = {"iter": it, "loss": 4 - it / 20, "lr": 1e-3, "dt_ms": 10.0, "tok_per_s": 1.0, "mfu": None}
+            record = {"iter": it, "loss": 4 - it / 20, "lr": 1e-3, "dt_ms": 10.0, "tokens_per_s": 1.0, "mfu": None}
             if with_time:
                 record["elapsed_s"] = it * seconds_per_iter
             f.write(json.dumps(record) + "\n")
@@ -44,7 +44,7 @@ def test_plot_bad_input_is_one_line(tmp_path):
     (tmp_path / "mine.png").write_text("the user's own file")
     (tmp_path / "numbers").mkdir()
     (tmp_path / "numbers" / "log.jsonl").write_text('{"iter": 0, "loss": 1.0}\n42\n')
-    cases = {(tmp_path / "nowhere",): "log.jsonl not found: give the out_dir of a train.py run",
+    cases = {(tmp_path / "nowhere",): "log.jsonl not found: give the out_dir of a train.py or train_ds.py run",
              (tmp_path / "empty",): "has no losses yet",
              (run, "--out", tmp_path / "mine.png"): "mine.png exists: pass another --out, or --overwrite",
              (run, "--out", tmp_path / "plot.jpg"): "must end in .png",

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-import utils
+import files
+from configurator import UserError
 from conftest import TINY, assert_one_line_error, fill_up, kill_one_torchrun_worker, read_log, run_script, start_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
@@ -109,10 +110,10 @@ class Unpicklable:
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / 'ckpt.pt'
-    utils.atomic_torch_save({'iter_num': 1, 'w': torch.ones(1000)}, path)
+    files.atomic_torch_save({'iter_num': 1, 'w': torch.ones(1000)}, path)
     before = path.read_bytes()
     with pytest.raises(OSError):
-        utils.atomic_torch_save({'w': torch.zeros(1000), 'bad': Unpicklable()}, path)
+        files.atomic_torch_save({'w': torch.zeros(1000), 'bad': Unpicklable()}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ['ckpt.pt']  # no temp file left behind
 
@@ -126,26 +127,26 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint_and_log(small_dis
     assert r.stderr.strip().splitlines()[-1].startswith(f'error: could not save a checkpoint in {out} (')
     assert 'the previous one is intact' in r.stderr and 'MiB free' in r.stderr
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 2
-    files = ['.lock', 'best.pt', 'ckpt-0000002.pt', 'ckpt.pt', 'log.jsonl']  # ckpt-* is a hard link: no space
-    assert sorted(os.listdir(out)) == files  # and no temp file left
+    ours = ['.lock', 'best.pt', 'ckpt-0000002.pt', 'ckpt.pt', 'log.jsonl']  # ckpt-* is a hard link: no space
+    assert sorted(os.listdir(out)) == ours  # and no temp file left
     log = (out / 'log.jsonl').read_text()
     fill_up(small_disk)  # now not a byte free: resuming must rewrite the log, and cannot
     r = run_script('train.py', *args, '--max_iters=4', '--init_from=resume')
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f'error: could not rewrite {out / "log.jsonl"}')
-    assert sorted(os.listdir(out)) == files and (out / 'log.jsonl').read_text() == log
+    assert sorted(os.listdir(out)) == ours and (out / 'log.jsonl').read_text() == log
 
 
 @pytest.mark.parametrize('error, advice', [
     (errno.ENOSPC, 'free disk space'), (errno.EROFS, 'the folder is read-only or not yours'),
     (errno.EACCES, 'the folder is read-only or not yours'), (errno.ENOTEMPTY, 'something else was written there')])
 def test_a_failed_write_says_what_to_do_for_its_cause(error, advice, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        with utils.disk_write('the export x', str(tmp_path), then='free disk space'):
+    with pytest.raises(UserError) as exit_info:
+        with files.disk_write('the export x', str(tmp_path), then='free disk space'):
             raise OSError(error, os.strerror(error))
-    assert str(exit_info.value.code).startswith(f'error: could not save the export x ({os.strerror(error)}')
-    assert advice in exit_info.value.code
-    assert ('MiB free' in exit_info.value.code) == (error == errno.ENOSPC)  # space left, where space is the cause
+    assert str(exit_info.value).startswith(f'could not save the export x ({os.strerror(error)}')
+    assert advice in str(exit_info.value)
+    assert ('MiB free' in str(exit_info.value)) == (error == errno.ENOSPC)  # space left, where space is the cause
 
 
 def test_a_new_run_into_a_full_disk_is_one_line(small_disk, char_data):
@@ -158,8 +159,8 @@ def test_an_output_file_on_a_full_disk_is_one_line_and_the_old_one_stays_whole(s
     old = small_disk / 'predictions.jsonl'
     old.write_text('the results of an earlier run\n' * 1000)
     fill_up(small_disk)
-    with pytest.raises(SystemExit) as exit_info:
-        utils.write_output_file(str(old), lambda f: f.write(b'new results\n' * 100000), f'the predictions {old}')
-    assert_one_line_error((1, exit_info.value.code), 'No space left on device')
+    with pytest.raises(UserError) as exit_info:
+        files.write_output_file(str(old), lambda f: f.write(b'new results\n' * 100000), f'the predictions {old}')
+    assert_one_line_error((1, f'error: {exit_info.value}'), 'No space left on device')
     assert old.read_text() == 'the results of an earlier run\n' * 1000
     assert sorted(os.listdir(small_disk)) == ['filler', 'predictions.jsonl']  # no temp file left

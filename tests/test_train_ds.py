@@ -28,6 +28,7 @@ import train_ds
 import vlm_checkpoint
 import vlm_data
 import vlm_model
+from configurator import UserError
 from conftest import (REPO, assert_one_line_error, command, fill_up, free_port, kill_one_torchrun_worker, read_log,
                       run_script, start_script, wait_for)
 from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
@@ -47,11 +48,16 @@ def work(tmp_path_factory):
     return paths
 
 
+def steps_of(output_dir):
+    """The training steps' records of a run's log.jsonl (its evaluations have records of their own)."""
+    return [record for record in read_log(output_dir) if "loss" in record]
+
+
 def error_of(argv):
-    """Run main() expecting a user error; return its message."""
-    with pytest.raises(SystemExit) as exit_info:
+    """Run main() expecting a user error; return its one line, as the script prints it."""
+    with pytest.raises(UserError) as error:
         train_ds.main(argv)
-    message = str(exit_info.value.code)
+    message = f"error: {error.value}"
     assert_one_line_error((1, message), "")
     return message
 
@@ -203,7 +209,7 @@ def test_a_bad_record_found_by_another_rank_stops_every_rank_with_one_line(work,
                         torchrun=2, env={"OMP_NUM_THREADS": "1"}, timeout=180)
     assert result.returncode != 0 and 'train_ds.py", line' not in result.stderr, result.stderr[-2000:]  # torchrun's own
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {data} record 3") and "nope.png not found" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {data} record 3") and "nope.png not found" in errors[0], result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 
@@ -214,11 +220,23 @@ def test_measures_are_cached_until_the_data_file_changes(work, tmp_path, monkeyp
 
     def no_measuring(*_):
         raise AssertionError("measured again")
-    monkeypatch.setattr(vlm_data, "measure", no_measuring)
+    monkeypatch.setattr(vlm_data, "measure_on_all_ranks", no_measuring)  # not measure: that is in the cache's key
     train_ds.main([*args, "--resume", "--max-steps", "2"])  # the cache: nothing measured
     os.utime(work["train"], ns=(time.time_ns(), time.time_ns()))  # the file changed (its mtime): measured again
     with pytest.raises(AssertionError, match="measured again"):
         train_ds.main([*args, "--resume", "--max-steps", "3"])
+
+
+@pytest.mark.parametrize("name", ["is_label", "assistant_spans", "with_end_tokens", "assistant_labels", "measure",
+                                  "encode"])  # encode: measure's fallback counts labels through it
+def test_a_changed_label_rule_invalidates_the_measures_cache(tmp_path, monkeypatch, name):
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    cache_file = vlm_data.measures_cache(str(tmp_path), str(data), model="m")
+    assert vlm_data.measures_cache(str(tmp_path), str(data), model="m") == cache_file  # same rule: same cache
+    original = getattr(vlm_data, name)
+    monkeypatch.setattr(vlm_data, name, lambda *args: original(*args))  # an edit: other source, as after a code change
+    assert vlm_data.measures_cache(str(tmp_path), str(data), model="m") != cache_file
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +351,7 @@ def test_a_new_run_into_a_full_disk_is_one_line(work, small_disk):
 
 
 def test_no_deepspeed_under_a_launcher_of_several_processes_is_refused(work, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ds, "WORLD_SIZE", 2)  # what torchrun --nproc_per_node=2 puts in the environment
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node=2 puts in the environment
     output_dir = tmp_path / "out"
     message = error_of([*work["args"], "--no-deepspeed", "--use-lora", "--output-dir", str(output_dir)])
     assert "--no-deepspeed runs one process, but the launcher started 2" in message
@@ -411,11 +429,9 @@ def write_bad_files(folder):
 def test_bad_flags_stop_with_one_line_before_anything_is_written(work, tmp_path, extra, code, expected):
     write_bad_files(tmp_path)
     output_dir = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # each fails before the processor and model load: milliseconds
-        train_ds.main([*work["args"], "--output-dir", str(output_dir), *(a.format(tmp=tmp_path) for a in extra)])
-    message = exit_info.value.code
-    assert (1 if isinstance(message, str) else message) == code
-    assert str(message).startswith("error: ") and "\n" not in message and expected in message, message
+    # each fails before the processor and model load: milliseconds
+    message = error_of([*work["args"], "--output-dir", str(output_dir), *(a.format(tmp=tmp_path) for a in extra)])
+    assert code == 1 and expected in message, message
     assert not output_dir.exists()
 
 
@@ -469,6 +485,18 @@ def lora_run(work):
     return args, output_dir
 
 
+def test_plot_draws_a_train_ds_run_with_its_losses_and_eval_losses(lora_run, tmp_path):
+    import plot
+    _, output_dir = lora_run
+    records = plot.read_log(output_dir)
+    iters, losses = plot.series(records, "loss", "iter")
+    assert iters == list(range(1, 9)) and all(math.isfinite(loss) for loss in losses)
+    assert plot.series(records, "val_loss", "iter")[0] == [4, 8]  # an eval at each save
+    assert len(plot.series(records, "val_loss", "elapsed_s")[0]) == 2
+    plot.main([output_dir, "--out", str(tmp_path / "vlm.png")])
+    assert (tmp_path / "vlm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_every_label_token_weighs_the_same_across_micro_batches_and_in_eval(work, tmp_path, capsys):
     # #12 bug 6: replies of 1 and 12 words; a step of two micro-batches of 1 must equal one batch of 2
     # (its loss is the mean over the batch's label tokens), and so must the eval loss at batch sizes 1 and 2
@@ -483,7 +511,7 @@ def test_every_label_token_weighs_the_same_across_micro_batches_and_in_eval(work
         train_ds.main([*base, *flags, "--output-dir", str(tmp_path / name)])
         eval_loss = float(capsys.readouterr().out.split("eval loss ")[1].split()[0])
         adapter = load_file(str(tmp_path / name / "checkpoint-1" / "adapter_model.safetensors"))
-        runs[name] = (read_log(str(tmp_path / name))[0]["loss"], eval_loss, adapter)
+        runs[name] = (steps_of(str(tmp_path / name))[0]["loss"], eval_loss, adapter)
     assert runs["micro"][0] == pytest.approx(runs["batch"][0], rel=1e-5)
     assert runs["micro"][1] == pytest.approx(runs["batch"][1], abs=1e-4)  # printed with 4 decimals
     for name, weight in runs["batch"][2].items():
@@ -493,7 +521,7 @@ def test_every_label_token_weighs_the_same_across_micro_batches_and_in_eval(work
 def test_loader_workers_give_the_same_losses_as_none(lora_run, tmp_path):
     args, output_dir = lora_run  # trained with the default --num-workers 2
     train_ds.main([*args, "--num-workers", "0", "--output-dir", str(tmp_path / "no-workers")])
-    assert [e["loss"] for e in read_log(str(tmp_path / "no-workers"))] == [e["loss"] for e in read_log(output_dir)]
+    assert [e["loss"] for e in steps_of(str(tmp_path / "no-workers"))] == [e["loss"] for e in steps_of(output_dir)]
 
 
 def test_a_data_error_met_in_a_loader_worker_stops_with_its_one_line(work, tmp_path):
@@ -502,10 +530,10 @@ def test_a_data_error_met_in_a_loader_worker_stops_with_its_one_line(work, tmp_p
     data = SimpleNamespace(processor=qwen_processor(work), dummy_image=False, lock=None)
     batches = train_ds.loader(samples, lambda i: [i], [1, 0], data, SimpleNamespace(num_workers=1, seed=0), torch.device("cpu"))
     assert next(batches)["input_ids"].shape[0] == 1
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UserError) as error:
         next(batches)
-    assert_one_line_error((1, str(exit_info.value.code)), "error: record 0: image")
-    assert "gone.png not found" in str(exit_info.value.code)
+    assert_one_line_error((1, f"error: {error.value}"), "error: record 0: image")
+    assert "gone.png not found" in str(error.value)
 
 
 def test_an_image_that_fails_to_decode_in_training_is_one_line(work, tmp_path):
@@ -551,9 +579,9 @@ def test_checkpoints_keep_the_base_models_padding_side(work, lora_run):
 
 def test_lora_run_loss_falls_and_checkpoints_hold_everything(lora_run):
     _, output_dir = lora_run
-    losses = [entry["loss"] for entry in read_log(output_dir)]
+    losses = [entry["loss"] for entry in steps_of(output_dir)]
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0] - 0.2, losses
-    entry = read_log(output_dir)[-1]
+    entry = steps_of(output_dir)[-1]
     assert entry["samples_per_s"] > 0 and entry["tokens_per_s"] > 0 and entry["peak_memory_gib"] > 0
     assert sorted(n for n in os.listdir(output_dir) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-8"]
     files = set(os.listdir(os.path.join(output_dir, "checkpoint-8")))
@@ -573,8 +601,8 @@ def test_resume_continues_at_the_same_step_with_identical_losses(lora_run, tmp_p
         os.makedirs(os.path.join(resumed_dir, name))
     open(os.path.join(resumed_dir, f".log.jsonl.tmp{os.getpid() + 1}"), "w").close()  # a rewrite cut short by a kill
     train_ds.main([*args, "--output-dir", resumed_dir, "--resume", "--keep-last", "1"])
-    original, resumed = read_log(output_dir), read_log(resumed_dir)
-    assert [e["step"] for e in resumed] == list(range(1, 9))
+    original, resumed = steps_of(output_dir), steps_of(resumed_dir)
+    assert [e["iter"] for e in resumed if "loss" in e] == list(range(1, 9))
     assert [e["loss"] for e in resumed[4:]] == [e["loss"] for e in original[4:]]  # bit-identical
     assert sorted(n for n in os.listdir(resumed_dir) if "checkpoint" in n) == [".tmp-checkpoint-notes", "checkpoint-8"]
     assert sorted(n for n in os.listdir(resumed_dir) if "log" in n) == ["log.jsonl"]
@@ -613,7 +641,7 @@ def test_grad_clip_0_means_no_clipping_and_trains(work, tmp_path):
     output_dir = str(tmp_path / "no-clip")
     train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--grad-clip", "0", "--max-steps", "2",
                    "--output-dir", output_dir])
-    assert all(math.isfinite(entry["loss"]) for entry in read_log(output_dir))
+    assert all(math.isfinite(entry["loss"]) for entry in steps_of(output_dir))
     adapter = load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # they start at zero: a clip to norm 0 would keep them there
@@ -682,7 +710,7 @@ def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
     output_dir = str(tmp_path / "qlora")
     train_ds.main([*work["args"], "--use-4bit", "--use-lora", "--no-deepspeed", "--max-steps", "2",
                    "--output-dir", output_dir])
-    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in read_log(output_dir))
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps_of(output_dir))
     assert load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
 
 
@@ -738,7 +766,7 @@ def test_qwen2_5_vl_trains_with_lora(work, tmp_path):
     output_dir = str(tmp_path / "out")
     train_ds.main([*work["args"], "--model", folder, "--no-deepspeed", "--use-lora", "--max-steps", "6",
                    "--save-steps", "6", "--output-dir", output_dir])
-    losses = [entry["loss"] for entry in read_log(output_dir)]
+    losses = [entry["loss"] for entry in steps_of(output_dir)]
     assert len(losses) == 6 and losses[-1] < losses[0]
     adapter = load_file(os.path.join(output_dir, "checkpoint-6", "adapter_model.safetensors"))
     lora = [name for name in adapter if "lora_" in name]
@@ -784,7 +812,7 @@ def deepspeed_run(work, output_dir, extra):
             *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=420, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return read_log(output_dir)
+    return steps_of(output_dir)
 
 
 def test_fp16_picked_for_qwen_on_a_gpu_without_bfloat16_warns(work, monkeypatch, capsys):
@@ -805,14 +833,14 @@ def test_deepspeed_config_keeps_the_users_precision_settings_and_warns_of_overla
                                 "bf16": {"enabled": False, "immediate_grad_update": True},
                                 "fp16": {"enabled": True, "loss_scale_window": 500, "hysteresis": 4}}))
     args = train_ds.parse_args(["--deepspeed", str(path)])
-    config = train_ds.deepspeed_config(args, torch.bfloat16)
+    config = train_ds.deepspeed_config(args, torch.bfloat16, 1)
     assert config["bf16"] == {"enabled": True, "immediate_grad_update": True}  # the flags decide "enabled" only
     assert config["fp16"] == {"enabled": False, "loss_scale_window": 500, "hysteresis": 4, "loss_scale": 0,
                               "initial_scale_power": 16}
     warning = capsys.readouterr().out.strip()
     assert warning.startswith("warning: ") and "overlap_comm" in warning and "NaN" in warning and "\n" not in warning
     args = train_ds.parse_args(["--deepspeed", os.path.join(REPO, "ds_config.json")])
-    train_ds.deepspeed_config(args, torch.float32)
+    train_ds.deepspeed_config(args, torch.float32, 1)
     assert "overlap_comm" not in capsys.readouterr().out  # the shipped configs turn it off
 
 
@@ -824,7 +852,7 @@ def test_deepspeed_zero2_two_processes_match_one_process(work, tmp_path):
     train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--batch-size", "1", "--gradient-accumulation-steps", "2",
                    *extra, "--output-dir", str(tmp_path / "one")])
     for key in ("loss", "grad_norm"):  # Adam hides a gradient scale; the norm does not
-        assert [e[key] for e in log] == pytest.approx([e[key] for e in read_log(str(tmp_path / "one"))], rel=1e-4), key
+        assert [e[key] for e in log] == pytest.approx([e[key] for e in steps_of(str(tmp_path / "one"))], rel=1e-4), key
     losses = [entry["loss"] for entry in log]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     files = os.listdir(os.path.join(output_dir, "checkpoint-6"))
@@ -857,7 +885,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(work, tmp_path):
     assert process.returncode == 0 and "stopped by a signal" in output
     steps = vlm_checkpoint.checkpoint_steps(str(output_dir))
     assert len(steps) == 1 and 2 <= steps[0] < 1000
-    assert [e["step"] for e in read_log(str(output_dir))] == list(range(1, steps[0] + 1))
+    assert [e["iter"] for e in steps_of(str(output_dir)) if "loss" in e] == list(range(1, steps[0] + 1))
 
 
 # -----------------------------------------------------------------------------
@@ -920,13 +948,13 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
     assert kills == 5 and kills_in_save >= 2, (kills, kills_in_save, output.read_text())
     # what a crash can also leave: a log line cut short (power loss, full disk) and a save no later step redoes
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-        f.write('{"step": 9')
+        f.write('{"iter": 9')
     os.makedirs(os.path.join(output_dir, ".tmp-checkpoint-999"))
     train_ds.main([*args, "--output-dir", output_dir, "--resume"])
     assert vlm_checkpoint.checkpoint_steps(output_dir)[-1] == 48
     assert not glob.glob(os.path.join(output_dir, ".tmp*"))
     # the same steps and losses, bit for bit, as the run that was never interrupted
-    assert [(e["step"], e["loss"]) for e in read_log(output_dir)] == [(e["step"], e["loss"]) for e in read_log(reference)]
+    assert [(e["iter"], e.get("loss")) for e in read_log(output_dir)] == [(e["iter"], e.get("loss")) for e in read_log(reference)]
 
 
 def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
