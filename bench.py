@@ -8,9 +8,11 @@ $ python bench.py config/finetune_shakespeare.py --fused_loss=True --profile=Tru
 
 Takes train.py's settings (same config files and --key=value) plus bench_warmup, bench_iters and
 profile. The model is built with random weights in the config's shape (no download, no data files).
-An iteration is what train.py runs: gradient_accumulation_steps micro-batches (split among the
-torchrun processes), each a forward and a backward, then one optimizer step. Warm-up iterations
-(compilation included) are not timed. The timed ones run back to back with one device sync at the
+An iteration is what train.py runs: its learning rate, gradient_accumulation_steps micro-batches
+(split among the torchrun processes), each a forward and a backward, then train.py's optimizer step
+(training.optimizer_step: clip, skip a non-finite step). What differs: one fixed batch of random
+tokens (no data loading), no evals, and no log or stop-signal checks (train.py's periodic host
+syncs). Warm-up iterations (compilation included) are not timed. The timed ones run back to back with one device sync at the
 end: tokens/s is the whole window's, and the per-iteration times (CUDA events on a GPU) give the
 median and the spread. MFU is against the GPU's dense bf16 peak from hardware.py ("n/a" on a CPU).
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's max RSS on a CPU.
@@ -33,6 +35,7 @@ import runtime
 from configurator import UserError, check_ranges, settings
 from gpt_settings import check_train_settings, gpt_shape, train_defaults
 from model import GPT, GPTConfig
+from training import cosine_lr, optimizer_step, set_learning_rate
 
 # train.py's settings, and bench's own: untimed iterations, timed ones, a trace of them
 config, _ = settings(dict(train_defaults(), bench_warmup=3, bench_iters=10, profile=False))
@@ -81,19 +84,24 @@ tokens = torch.randint(0, shape["vocab_size"], (batch_size, block_size + 1), gen
 X, Y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def iteration():
-    """One train.py iteration: the micro-batches (gradients all-reduced after the last), one step."""
+params = [p for p in model.parameters() if p.requires_grad]
+skip_on_device = all(group.get("fused") for group in optimizer.param_groups)  # as train.py decides it
+
+
+def iteration(i):
+    """One train.py iteration: the learning rate of its schedule, the micro-batches (gradients all-reduced
+    after the last), then train.py's own optimizer step (training.optimizer_step)."""
+    c = config
+    lr = cosine_lr(i, c["learning_rate"], c["min_lr"], c["warmup_iters"], c["lr_decay_iters"]) if c["decay_lr"] \
+        else c["learning_rate"]
+    set_learning_rate(optimizer, lr)
     for micro_step in range(accumulation):
         if world_size > 1:
             step_model.require_backward_grad_sync = micro_step == accumulation - 1
         with ctx:
             loss = step_model(X, Y)[1] / accumulation
         scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] or float("inf"))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, scaler, params, c["grad_clip"], skip_on_device)
 
 
 def sync():
@@ -114,8 +122,8 @@ def seconds(start, end):
     return start.elapsed_time(end) / 1000 if device_type == "cuda" else end - start
 
 
-for _ in range(config["bench_warmup"]):
-    iteration()
+for i in range(config["bench_warmup"]):
+    iteration(i)
 sync()
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -123,8 +131,8 @@ profiler = torch.profiler.profile() if config["profile"] else nullcontext()
 with profiler:
     start = time.perf_counter()
     marks = [clock()]
-    for _ in range(config["bench_iters"]):
-        iteration()
+    for i in range(config["bench_iters"]):
+        iteration(config["bench_warmup"] + i)
         marks.append(clock())
     sync()  # the only wait for the device in the timed window
     window = time.perf_counter() - start

@@ -14,6 +14,7 @@ import gpt_lora
 from configurator import UserError
 from gpt_data import dataset_vocabulary
 from runtime import say
+from training import set_rng_state
 
 
 # -----------------------------------------------------------------------------
@@ -142,6 +143,23 @@ def check_resume(checkpoint, path, config, vocabulary):
         if k in trained and trained[k] != config[k]:
             say(f"note: {k}={config[k]!r} where the checkpoint had {trained[k]!r}: the batches from here on are "
                 "not those of an unbroken run")
+
+
+def restore_state(checkpoint, path, optim, scaler, rank, world_size):
+    """The optimizer and scaler state, and this process's RNG states when the checkpoint has one per
+    process of this run (else dropout's noise differs, and the note says so)."""
+    try:
+        optim.load_state_dict(checkpoint['optimizer'])
+        if 'scaler' in checkpoint:
+            scaler.load_state_dict(checkpoint['scaler'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: its optimizer state does not fit this model or optimizer ({type(e).__name__}: "
+                        f"{e}); resume with the optimizer it was saved with") from None
+    rng_states = checkpoint.get('rng')
+    if rng_states is not None and len(rng_states) == world_size:
+        set_rng_state(rng_states[rank])
+    else:
+        say("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
 
 
 # -----------------------------------------------------------------------------

@@ -110,3 +110,13 @@ def check_dataset(data_dir, block_size):
         raise UserError(f"{data_dir} holds token id {largest_token} but {meta_path} has vocab_size "
                         f"{meta['vocab_size']}: the two do not belong together; prepare the dataset again")
     return largest_token, meta['vocab_size'], meta.get('itos')
+
+
+def check_vocabulary_fits(data_dir, largest_token, meta_vocab_size, vocab_size):
+    """The dataset's tokens, and its meta.pkl's vocabulary, within the model's vocab_size."""
+    if meta_vocab_size is not None and meta_vocab_size > vocab_size:
+        raise UserError(f"{data_dir}/meta.pkl has {meta_vocab_size} tokens but the model's vocabulary has "
+                        f"{vocab_size}: train this dataset from scratch, or prepare it with the model's tokenizer")
+    if largest_token >= vocab_size:
+        raise UserError(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {vocab_size}: "
+                        "prepare the data with the model's tokenizer")

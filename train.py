@@ -127,9 +127,8 @@ kernels.__enter__()  # for the whole run (a global setting, like tf32 above)
 data_dir = os.path.join('data', dataset)  # dataset may also be a path to a folder
 # vocabulary: id -> character of a char-level dataset's meta.pkl (saved in checkpoints), None for GPT-2's BPE
 largest_token, meta_vocab_size, vocabulary = gpt_data.check_dataset(data_dir, block_size)
-meta_path = os.path.join(data_dir, 'meta.pkl')
 if meta_vocab_size is not None:
-    say(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+    say(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
 
 
 def get_batch(split, iter_index, batch_index):
@@ -194,12 +193,7 @@ if lora_rank > model.config.n_embd:
          "high; use a smaller --lora_rank (4 to 64 is usual)")
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
-if meta_vocab_size is not None and meta_vocab_size > model.config.vocab_size:
-    raise UserError(f"{meta_path} has {meta_vocab_size} tokens but the model's vocabulary has {model.config.vocab_size}: "
-         "train this dataset from scratch, or prepare it with the model's tokenizer")
-if largest_token >= model.config.vocab_size:
-    raise UserError(f"{data_dir} holds token id {largest_token} but the model's vocabulary has {model.config.vocab_size}: "
-         "prepare the data with the model's tokenizer")
+gpt_data.check_vocabulary_fits(data_dir, largest_token, meta_vocab_size, model.config.vocab_size)
 if init_from == 'resume':
     gpt_checkpoint.check_resume(checkpoint, ckpt_path, config, vocabulary)  # refuse what cannot continue, note the rest
     iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
@@ -221,19 +215,8 @@ try:
                                        muon_learning_rate, muon_momentum)
 except ImportError:
     raise UserError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
-if checkpoint is not None:
-    try:
-        optim.load_state_dict(checkpoint['optimizer'])
-        if 'scaler' in checkpoint:
-            scaler.load_state_dict(checkpoint['scaler'])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{ckpt_path}: its optimizer state does not fit this model or optimizer ({type(e).__name__}: {e}); "
-             "resume with the optimizer it was saved with")
-    rng_states = checkpoint.get('rng')
-    if rng_states is not None and len(rng_states) == ddp_world_size:
-        training.set_rng_state(rng_states[ddp_rank])
-    else:
-        say("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
+if checkpoint is not None:  # the optimizer, the scaler and this process's RNG states, as they were
+    gpt_checkpoint.restore_state(checkpoint, ckpt_path, optim, scaler, ddp_rank, ddp_world_size)
 checkpoint = None  # free up memory
 
 # compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
@@ -325,8 +308,7 @@ skip_on_device = all(group.get('fused') for group in optim.param_groups)  # fuse
 while True:
     # determine and set the learning rate for this iteration
     lr = training.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
-    for param_group in optim.param_groups:
-        param_group['lr'] = lr * param_group.get('lr_ratio', 1.0)  # Muon's: muon_learning_rate / learning_rate
+    training.set_learning_rate(optim, lr)
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 and iter_num != last_eval_iter or eval_only:
@@ -362,19 +344,8 @@ while True:
             X, Y = get_train_batch(iter_num + 1, 0)
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    scaler.unscale_(optim)
-    # the norm is the same on every process (gradients are all-reduced): a shared skip decision
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
-    skipped = ~torch.isfinite(grad_norm)
-    if scaler.is_enabled():
-        scaler.step(optim)  # fp16: the scaler skips non-finite steps itself
-    elif skip_on_device:
-        optim.found_inf = skipped.float()  # fused AdamW leaves weights and state as they were: no sync
-        optim.step()
-    elif not skipped.item():  # other optimizers: decide on the host
-        optim.step()
-    scaler.update()
-    optim.zero_grad(set_to_none=True)
+    # clip, then step unless the gradients are not finite (decided on the device where it can be)
+    skipped = training.optimizer_step(optim, scaler, params, grad_clip, skip_on_device)
     nonfinite_in_a_row = (nonfinite_in_a_row + 1) * skipped
     nonfinite_total += skipped
     it, iter_num = iter_num, iter_num + 1

@@ -116,3 +116,30 @@ def log_metrics(path, wandb_run, record):
         files.append_jsonl(path, record)
     if wandb_run:
         wandb_run.log(record, step=record['iter'])
+
+
+def optimizer_step(optim, scaler, params, grad_clip, skip_on_device):
+    """After the backward passes: unscale, clip (grad_clip 0: no clipping; the norm still flags inf/NaN),
+    step unless the gradients are not finite, zero them. The skip costs no host sync where it can:
+    the fp16 scaler and fused AdamW (found_inf) decide on the device; other optimizers on the host.
+    Returns 'skipped' as a device tensor (train.py and bench.py run exactly this step)."""
+    scaler.unscale_(optim)
+    # the norm is the same on every process (gradients are all-reduced): a shared skip decision
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    skipped = ~torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(optim)  # fp16: the scaler skips non-finite steps itself
+    elif skip_on_device:
+        optim.found_inf = skipped.float()  # fused AdamW leaves weights and state as they were
+        optim.step()
+    elif not skipped.item():
+        optim.step()
+    scaler.update()
+    optim.zero_grad(set_to_none=True)
+    return skipped
+
+
+def set_learning_rate(optim, lr):
+    """lr for every parameter group, scaled by its lr_ratio (Muon's: muon_learning_rate / learning_rate)."""
+    for group in optim.param_groups:
+        group['lr'] = lr * group.get('lr_ratio', 1.0)
