@@ -166,3 +166,21 @@ def char_data(tmp_path_factory):
     tokens, meta = encode_chars([text])
     write_dataset(tokens, meta, str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope='session')
+def finished_run(char_data, tmp_path_factory):
+    """A tiny train.py run that finished (its checkpoint at iter 2), trained once per test process:
+    copy it (shutil.copytree) before a test changes it."""
+    out = tmp_path_factory.mktemp('finished_run')
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2')
+    assert r.returncode == 0, r.stderr
+    return str(out)
+
+
+def write_checkpoint(folder, checkpoint):
+    """checkpoint (a dict, or anything torch.save takes) as folder/ckpt.pt, where train.py writes it."""
+    import torch
+    os.makedirs(folder, exist_ok=True)
+    torch.save(checkpoint, os.path.join(folder, 'ckpt.pt'))
+    return str(folder)

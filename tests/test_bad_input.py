@@ -14,20 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, start_script,
+from conftest import (REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, start_script, write_checkpoint,
                       tiny_hf_gpt2, wait_for)
 
 
 # -----------------------------------------------------------------------------
 # fixtures: a finished run, and a folder of broken things to feed the scripts
-
-@pytest.fixture(scope='module')
-def finished_run(char_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp('finished_run')
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2')
-    assert r.returncode == 0, r.stderr
-    return str(out)
-
 
 @pytest.fixture
 def results(finished_run, tmp_path):
@@ -70,12 +62,6 @@ def lora_checkpoint(base, good):
     gpt_lora.add(model, 2, 4.0, 0.0, gpt_lora.TARGETS)
     weights, lora = gpt_lora.checkpoint_weights(model)
     return dict(good, model=weights, lora=lora, model_args=dataclasses.asdict(model.config))
-
-
-def write_checkpoint(folder, checkpoint, finished_run=None):
-    os.makedirs(folder, exist_ok=True)
-    torch.save(checkpoint, os.path.join(folder, 'ckpt.pt'))
-    return str(folder)
 
 
 @pytest.fixture(scope='module')

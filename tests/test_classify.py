@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, assert_one_line_error, run_inline, run_script
+from conftest import REPO, TINY, assert_one_line_error, run_inline, run_script, write_checkpoint
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
@@ -124,12 +124,14 @@ def assert_beats_the_baselines(accuracy, output):
     assert gpt > bayes or gpt == 1.0, output  # word counts cannot tell verse from reversed verse; word order can
 
 
+@pytest.mark.slow
 def test_class_models_beat_the_baselines(corpus, tmp_path):
     assert_beats_the_baselines(*classify(corpus, train_class_models(corpus, tmp_path)))
     predictions = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(predictions) == 90 and set(predictions[0]["scores"]) == {"esrev", "numbers", "verse"}
 
 
+@pytest.mark.slow
 def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path):
     # classify.py keeps one base and switches adapters: each class's scores must be its model's own
     import tiktoken
@@ -178,11 +180,9 @@ def tiny_class_model(out_dir, dataset, vocabulary=None, vocab_size=50304, block_
     torch.manual_seed(0)
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size, bias=False, dropout=0.0,
                 gelu="exact")
-    os.makedirs(out_dir, exist_ok=True)
     checkpoint = {"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "config": {"dataset": str(dataset)},
                   "vocabulary": vocabulary}
-    torch.save(checkpoint, os.path.join(out_dir, "ckpt.pt"))
-    return str(out_dir)
+    return write_checkpoint(out_dir, checkpoint)
 
 
 def test_classify_bad_input_is_one_line_and_leaves_every_file_as_it_was(corpus, tmp_path):

@@ -4,11 +4,12 @@ import os
 import pytest
 import torch
 
-from conftest import run_inline
+from conftest import run_inline, write_checkpoint
 from model import GPT, GPTConfig
 
 
-def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh", **entries):
+def random_run(folder, vocab_size, dataset, bias, gelu="tanh", **entries):
+    """A checkpoint of a random GPT in folder, as train.py writes one; returns the model."""
     torch.manual_seed(0)
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, bias=bias, dropout=0.0, gelu=gelu)
     model = GPT(GPTConfig(**args))
@@ -16,16 +17,14 @@ def write_checkpoint(folder, vocab_size, dataset, bias, gelu="tanh", **entries):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1 if name.endswith("ln_1.weight") else 0))
-    os.makedirs(folder, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}, **entries},
-               os.path.join(folder, "ckpt.pt"))
+    write_checkpoint(folder, {"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}, **entries})
     return model.eval()
 
 
 @pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "exact")])  # GPT-2's; ours from scratch
 def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_path, bias, gelu):
     from transformers import AutoTokenizer, GPT2LMHeadModel
-    ours = write_checkpoint(tmp_path / "run", 50304, str(tmp_path / "no-such-dataset"), bias, gelu)
+    ours = random_run(tmp_path / "run", 50304, str(tmp_path / "no-such-dataset"), bias, gelu)
     assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
     folder = str(tmp_path / "run-hf")
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -43,7 +42,7 @@ def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_
 
 
 def test_a_char_level_model_exports_weights_and_says_it_has_no_tokenizer(tmp_path, char_data):
-    write_checkpoint(tmp_path / "run", 65, char_data, bias=False)
+    random_run(tmp_path / "run", 65, char_data, bias=False)
     code, message = run_inline("export.py", f"--out_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'hf'}")
     assert code == 0
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors"]
@@ -55,13 +54,13 @@ def test_a_char_level_model_exports_weights_and_says_it_has_no_tokenizer(tmp_pat
 def test_a_char_level_model_gets_no_gpt2_tokenizer_wherever_its_dataset_is(tmp_path, entries):
     # the checkpoint names a dataset that is not there from here: it says its own characters (new), or its
     # vocabulary is too small for GPT-2's tokens (older checkpoints)
-    write_checkpoint(tmp_path / "run", 20, "some/other/place", bias=False, **entries)
+    random_run(tmp_path / "run", 20, "some/other/place", bias=False, **entries)
     assert run_inline("export.py", f"--out_dir={tmp_path / 'run'}")[0] == 0
     assert sorted(os.listdir(tmp_path / "run-hf")) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_an_export_removes_what_a_killed_export_to_the_same_folder_left_and_nothing_else(tmp_path):
-    write_checkpoint(tmp_path / "run", 20, "nowhere", bias=False)
+    random_run(tmp_path / "run", 20, "nowhere", bias=False)
     dead, alive, users = (tmp_path / name for name in (".run-hf.tmp4999999", f".run-hf.tmp{os.getppid()}", ".run-hf.tmp"))
     for folder in (dead, alive, users):  # pid 4999999 is above Linux's largest: never running
         folder.mkdir()

@@ -1,18 +1,11 @@
 """train.py end to end on a tiny model: learning, logging, sampling, DDP, compile, exact resume."""
 import os
+import shutil
 
 import pytest
 import torch
 
 from conftest import REPO, TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
-
-
-def train_briefly(char_data, out, iters=2):
-    """A finished tiny run in out (its checkpoint at iter `iters`)."""
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', f'--max_iters={iters}',
-                   f'--eval_interval={iters}')
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def assert_same_losses(a_dir, b_dir, tolerance):
@@ -42,9 +35,8 @@ def test_val_loss_falls_and_best_is_never_overwritten(char_data, tmp_path):
     assert ckpt['best_val_loss'] == min(rec['val_loss'] for rec in evals)
 
 
-def test_sample_from_a_fresh_checkpoint(char_data, tmp_path):
-    out = train_briefly(char_data, tmp_path / 'out', iters=4)
-    r = run_script('sample.py', f'--out_dir={out}', '--num_samples=2', '--max_new_tokens=40', '--start=ROMEO:',
+def test_sample_from_a_fresh_checkpoint(finished_run):
+    r = run_script('sample.py', f'--out_dir={finished_run}', '--num_samples=2', '--max_new_tokens=40', '--start=ROMEO:',
                    '--device=cpu')
     assert r.returncode == 0, r.stderr
     samples = r.stdout.split('\nROMEO:')[1:]
@@ -137,6 +129,7 @@ def test_keeps_last_checkpoints_and_the_best(char_data, tmp_path):
     assert best['best_val_loss'] == min(r['val_loss'] for r in read_log(out) if 'val_loss' in r)
 
 
+@pytest.mark.slow
 def test_compiled_training_with_the_fused_loss_and_autotuning_matches_eager(char_data, tmp_path):
     args = [*TINY, f'--dataset={char_data}', '--max_iters=6', '--eval_interval=3', '--n_layer=1']
     eager = run_script('train.py', *args, '--fused_loss=False', f'--out_dir={tmp_path / "eager"}')
@@ -147,6 +140,7 @@ def test_compiled_training_with_the_fused_loss_and_autotuning_matches_eager(char
     assert_same_losses(tmp_path / 'eager', tmp_path / 'compiled', 1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_ddp_trains_like_one_eager_process(char_data, tmp_path):
     # compiled first, then wrapped: Dynamo compiles inside DDP's forward (its bucketed graph)
     args = [*TINY, f'--dataset={char_data}', '--max_iters=4', '--eval_interval=2', '--n_layer=1',
@@ -173,9 +167,9 @@ def test_a_plain_iteration_does_not_wait_for_the_device(char_data, tmp_path, mon
     assert len(calls) <= 40 / 4, len(calls)  # before: three per iteration; now 4 in evals, 5 checks, 1 at the end
 
 
-def test_checkpoints_are_read_onto_the_cpu(char_data, tmp_path, monkeypatch):
+def test_checkpoints_are_read_onto_the_cpu(finished_run, char_data, tmp_path, monkeypatch):
     # on a GPU, RNG states loaded onto the device crashed every resume; sampling held the optimizer there
-    out = train_briefly(char_data, tmp_path / 'out')
+    out = shutil.copytree(finished_run, tmp_path / 'out')
     placed = []
     load = torch.load
     monkeypatch.setattr(torch, 'load', lambda *a, **k: placed.append((k.get('map_location'), k.get('mmap'))) or load(*a, **k))
@@ -186,9 +180,9 @@ def test_checkpoints_are_read_onto_the_cpu(char_data, tmp_path, monkeypatch):
     assert placed == [('cpu', False), ('cpu', True)]  # sampling maps the file: the optimizer state is never read
 
 
-def test_sample_draws_all_samples_in_one_batch(char_data, tmp_path, monkeypatch):
+def test_sample_draws_all_samples_in_one_batch(finished_run, monkeypatch):
     from model import GPT
-    out = train_briefly(char_data, tmp_path / 'out')
+    out = finished_run
     batches = []
     generate = GPT.generate
     monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: batches.append(idx.shape[0]) or generate(self, idx, *a, **k))
