@@ -4,18 +4,12 @@ Train a GPT: from scratch, from OpenAI's GPT-2 weights, or resuming a checkpoint
 One process (runs on whatever device is there):
 $ python train.py config/train_shakespeare_char.py
 
-DDP on 8 GPUs of one node:
+DDP on 8 GPUs of one node (several nodes: see the README; out_dir must then be on a filesystem every
+node shares, as every rank reads the checkpoint on resume: checked at start-up):
 $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_multi_gpu.py
 
-DDP on 2 nodes of 8 GPUs (run on each node; --node_rank 0 on the master):
-$ torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=MASTER_IP:29500 train.py ...
-
-With several nodes, out_dir must be on a filesystem every node shares: only rank 0 writes, but
-every rank reads the checkpoint on resume (checked at start-up).
-
-Checkpoints are written atomically and hold every RNG state, so `--init_from=resume` continues
-exactly where a run stopped; SIGTERM/SIGINT save a checkpoint and exit cleanly. A run locks its
-out_dir, and refuses one that holds another run's files unless told to resume or overwrite.
+Checkpoints are written atomically with every RNG state: `--init_from=resume` continues exactly; SIGTERM
+and Ctrl-C save one and exit. A run locks its out_dir and never trains over another run's files.
 
 Two departures from nanoGPT's API: model(X, Y) returns (None, loss), not the logits (they never
 exist with the fused loss), and the optimizer object is `optim` (`optimizer` is the setting's name).
@@ -34,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import files
 import gpt_checkpoint
 import gpt_data
+import gpt_eval
 import gpt_lora
 import memory
 import runtime
@@ -55,6 +50,8 @@ init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local Hugging Face G
 overwrite = False  # a new run into an out_dir holding another run's checkpoints replaces them only if True
 keep_last = 1  # older checkpoints kept beside ckpt.pt, as ckpt-<iter>.pt
 patience = 0  # stop after this many evals without a better val loss (0 = never)
+eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 BPE models; python data/hellaswag/prepare.py)
+hellaswag_file = 'data/hellaswag/val.jsonl'
 # wandb logging
 wandb_log = False
 wandb_project = 'owt'
@@ -129,6 +126,9 @@ data_dir = os.path.join('data', dataset)  # dataset may also be a path to a fold
 largest_token, meta_vocab_size, vocabulary = gpt_data.check_dataset(data_dir, block_size)
 if meta_vocab_size is not None:
     say(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
+if eval_hellaswag and vocabulary is not None:
+    raise UserError(f"eval_hellaswag scores GPT-2 BPE tokens, but {data_dir} is character-level: use a BPE dataset")
+hellaswag = gpt_eval.read_items(hellaswag_file) if eval_hellaswag else []  # scored at each eval, split among processes
 
 
 def get_batch(split, iter_index, batch_index):
@@ -194,13 +194,14 @@ if lora_rank > model.config.n_embd:
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 gpt_data.check_vocabulary_fits(data_dir, largest_token, meta_vocab_size, model.config.vocab_size)
+if hellaswag and model.config.vocab_size < 50257:
+    raise UserError(f"eval_hellaswag scores GPT-2 BPE tokens, but the model's vocabulary has {model.config.vocab_size}")
 if init_from == 'resume':
     gpt_checkpoint.check_resume(checkpoint, ckpt_path, config, vocabulary)  # refuse what cannot continue, note the rest
     iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
     elapsed_before = checkpoint.get('elapsed_s', 0.0)
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
-model.activation_checkpointing = activation_checkpointing
-model.fused_loss = fused_loss
+model.activation_checkpointing, model.fused_loss = activation_checkpointing, fused_loss
 model.to(device)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 say(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -251,8 +252,13 @@ def estimate_loss():
             total += torch.stack([loss.float(), torch.ones((), device=device)])
         if ddp:
             dist.all_reduce(total)
-        out[split] = (total[0] / total[1]).item()
+        out[f'{split}_loss'] = (total[0] / total[1]).item()
     model.train()
+    if hellaswag:  # the uncompiled model: the items' lengths vary
+        correct = gpt_eval.correct_answers(raw_model, hellaswag[ddp_rank::ddp_world_size], device, ctx)
+        if ddp:
+            dist.all_reduce(correct)
+        out['hellaswag_acc_norm'] = correct.item() / len(hellaswag)
     return out
 
 
@@ -314,11 +320,12 @@ while True:
     if iter_num % eval_interval == 0 and iter_num != last_eval_iter or eval_only:
         losses = estimate_loss()
         last_eval_iter = iter_num
-        improved = losses['val'] < best_val_loss
-        best_val_loss = min(best_val_loss, losses['val'])
+        improved = losses['val_loss'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val_loss'])
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
-        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (best {best_val_loss:.4f})")
-        log({'iter': iter_num, 'lr': lr, 'train_loss': losses['train'], 'val_loss': losses['val']})
+        say(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f} (best "
+            f"{best_val_loss:.4f})" + (f", hellaswag acc_norm {losses['hellaswag_acc_norm']:.4f}" if hellaswag else ""))
+        log({'iter': iter_num, 'lr': lr, **losses})  # train_loss, val_loss (and hellaswag_acc_norm)
         if iter_num > 0 and (improved or always_save_checkpoint) and not eval_only:
             last_saved_iter = save_checkpoint(improved, last_saved_iter)
         if patience and evals_without_improvement >= patience:
