@@ -12,14 +12,16 @@ An iteration is what train.py runs: its learning rate, gradient_accumulation_ste
 (split among the torchrun processes), each a forward and a backward, then train.py's optimizer step
 (training.optimizer_step: clip, skip a non-finite step). What differs: one fixed batch of random
 tokens (no data loading), no evals, and no log or stop-signal checks (train.py's periodic host
-syncs). Warm-up iterations (compilation included) are not timed. The timed ones run back to back with one device sync at the
-end: tokens/s is the whole window's, and the per-iteration times (CUDA events on a GPU) give the
-median and the spread. MFU is against the GPU's dense bf16 peak from hardware.py ("n/a" on a CPU).
+syncs). Warm-up iterations (compilation included) are not timed. The timed ones run back to back
+with one device sync at the end: tokens/s is the whole window's, and the per-iteration times (CUDA
+events on a GPU) give the median and the spread. MFU is against the GPU's dense bf16 peak from
+hardware.py ("n/a" on a CPU).
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's max RSS on a CPU.
 --profile=True writes the timed window as a trace (chrome://tracing or ui.perfetto.dev).
 """
 import signal
 import sys
+
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
 import datetime  # noqa: E402
 import json
@@ -76,7 +78,8 @@ step_model = model
 if config["compile"] and not blocker:
     step_model = torch.compile(model, mode=None if config["compile_mode"] == "default" else config["compile_mode"])
 if world_size > 1:
-    step_model = DDP(step_model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True)
+    step_model = DDP(step_model, device_ids=[local_rank] if device_type == "cuda" else None,
+                     gradient_as_bucket_view=True)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 batch_size, block_size = config["batch_size"], config["block_size"]
 generator = torch.Generator().manual_seed(config["seed"] + rank)

@@ -56,7 +56,8 @@ def cpu_name():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", required=True, help="the other repo (its train.py and data/)")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--target", type=float, help="also time each run to this val loss")

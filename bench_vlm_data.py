@@ -22,8 +22,9 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-import vlm_data  # noqa: E402
 from vlm_fixtures import write_qwen2_vl  # noqa: E402
+
+import vlm_data  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--samples", type=int, default=10000)
@@ -64,7 +65,8 @@ vlm_data.save_measures(cache_file, measures)
 _, cached_rate = timed(check, args.samples)
 assert measures[:args.full_samples] == [[b["input_ids"].shape[1], int((b["labels"] != -100).sum())] for b in full]
 print(json.dumps({"bench": "vlm_data_check", "samples": args.samples, "full_encode_samples": args.full_samples,
-                  "image_size": args.image_size,                  "full_encode_samples_per_s": round(full_rate, 1), "headers_samples_per_s": round(headers_rate, 1),
+                  "image_size": args.image_size, "full_encode_samples_per_s": round(full_rate, 1),
+                  "headers_samples_per_s": round(headers_rate, 1),
                   "cached_samples_per_s": round(cached_rate, 1), "speedup": round(headers_rate / full_rate, 1),
                   "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                   "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}))

@@ -16,6 +16,7 @@ each class adds only its adapter.
 """
 import signal
 import sys
+
 if __name__ == '__main__':  # Ctrl-C at any time: one line, no traceback
     signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))
 import json  # noqa: E402
@@ -56,10 +57,13 @@ def read_labels(path):
         with open(path, encoding='utf-8') as f:
             classes = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the classes file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+        raise UserError(f"cannot read the classes file {path} ({type(e).__name__}: {e}): "
+                        "run data/prepare_classes.py first")
     fix = "run data/prepare_classes.py again, or mend it"
-    if not isinstance(classes, dict) or not all(isinstance(classes.get(k), list) for k in ('names', 'folders', 'priors')):
-        raise UserError(f"{path} is not a labels.json of data/prepare_classes.py (lists of names, folders, priors): {fix}")
+    if not isinstance(classes, dict) \
+            or not all(isinstance(classes.get(k), list) for k in ('names', 'folders', 'priors')):
+        raise UserError(f"{path} is not a labels.json of data/prepare_classes.py (lists of names, folders, priors): "
+                        f"{fix}")
     names, folders, priors = classes['names'], classes['folders'], classes['priors']
     if not (len(names) == len(folders) == len(priors) >= 2 and all(isinstance(n, str) for n in names + folders)):
         raise UserError(f"{path}: names and folders must be two or more strings, as many as the priors: {fix}")
@@ -87,7 +91,8 @@ def read_test(path):
                     raise UserError(f'{where} is not a {{"text": "...", "label": ...}} object: fix or remove it')
                 documents.append(record)
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the test file {path} ({type(e).__name__}: {e}): run data/prepare_classes.py first")
+        raise UserError(f"cannot read the test file {path} ({type(e).__name__}: {e}): "
+                        "run data/prepare_classes.py first")
     if not documents:
         raise UserError(f"{path} holds no documents")
     return documents
@@ -105,8 +110,9 @@ def class_of(out_dir):
         raise UserError(f"{path} was trained on dataset '{dataset}', none of the class folders {classes['folders']}")
     model_args = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
     if stride > model_args.get('block_size', stride):
-        raise UserError(f"--stride={stride} is above {path}'s block_size {model_args['block_size']}: the tokens between "
-                   f"windows would go unscored; use --stride={model_args['block_size']} or less")
+        raise UserError(f"--stride={stride} is above {path}'s block_size {model_args['block_size']}: "
+                        "the tokens between windows would go unscored; "
+                        f"use --stride={model_args['block_size']} or less")
     return classes['folders'].index(dataset), gpt_checkpoint.checkpoint_vocabulary(checkpoint)
 
 
@@ -213,7 +219,8 @@ if __name__ == '__main__':  # importing this file (the tests do) runs nothing
     check_ranges(config, {'batch_size': '[1, inf)', 'stride': '[0, inf)', 'limit': '[0, inf)'})
     model_dirs = [path for path in models.split(',') if path]
     if len(model_dirs) < 2 or not test:
-        raise UserError("give --models=out-a,out-b,... (a class model each, at least two) and --test=data/<name>/test.jsonl")
+        raise UserError("give --models=out-a,out-b,... (a class model each, at least two) "
+                        "and --test=data/<name>/test.jsonl")
     labels = labels or os.path.join(os.path.dirname(test), 'labels.json')
     out = out or os.path.join(os.path.dirname(os.path.normpath(model_dirs[0])), 'predictions.jsonl')
     files.check_output_file(out, overwrite, '--out', inputs=(test, labels), overwrite_flag='--overwrite=True')
@@ -247,7 +254,8 @@ if __name__ == '__main__':  # importing this file (the tests do) runs nothing
     print("confusion matrix (rows: true class, columns: predicted):")
     for name, row in zip(classes['names'], matrix):
         print(f"  {name:>16} " + " ".join(f"{n:>6}" for n in row))
-    lines = [json.dumps({'label': d['label'], 'predicted': classes['names'][p], 'scores': dict(zip(classes['names'], s))})
-             + '\n' for d, p, s in zip(documents, predicted, scores.tolist())]
+    lines = [json.dumps({'label': d['label'], 'predicted': classes['names'][p],
+                         'scores': dict(zip(classes['names'], s))}) + '\n'
+             for d, p, s in zip(documents, predicted, scores.tolist())]
     files.write_output_file(out, lambda f: f.write(''.join(lines).encode()), f"the predictions {out}")
     print(f"wrote {out}")

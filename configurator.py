@@ -139,7 +139,8 @@ def read_defaults(script_path):
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and all(isinstance(n, plain) for n in ast.walk(node.value)):
-            defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script_path, "eval"), {"__builtins__": {}})
+            defaults[node.targets[0].id] = eval(compile(ast.Expression(node.value), script_path, "eval"),
+                                                {"__builtins__": {}})
         elif defaults:
             break
     return defaults

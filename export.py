@@ -16,6 +16,7 @@ a BPE model's padded vocabulary (50304) is cut back to GPT-2's 50257 tokens.
 """
 import signal
 import sys
+
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
 import json  # noqa: E402
 import os
@@ -115,8 +116,8 @@ if __name__ == '__main__':
     char_level = gpt_checkpoint.checkpoint_vocabulary(checkpoint) is not None or args.vocab_size < GPT2_VOCAB
     vocab_size = args.vocab_size if char_level else min(args.vocab_size, GPT2_VOCAB)
     hf_config = GPT2Config(vocab_size=vocab_size, n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
-                           n_head=args.n_head, activation_function="gelu_new" if args.gelu == "tanh" else "gelu", tie_word_embeddings=True,
-                           bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
+                           n_head=args.n_head, activation_function="gelu_new" if args.gelu == "tanh" else "gelu",
+                           tie_word_embeddings=True, bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1)
     hf_model = GPT2LMHeadModel(hf_config)
     hf_model.load_state_dict(hf_state_dict(model, vocab_size), strict=False)  # lm_head is tied to wte
     tmp = files.temp_path(folder)

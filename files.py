@@ -16,7 +16,6 @@ import torch
 
 from configurator import UserError
 
-
 # -----------------------------------------------------------------------------
 # the output folder: one run at a time, and only our own files are ever removed
 
@@ -28,8 +27,8 @@ def lock_folder(folder, what="--out_dir"):
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
     except OSError as e:
-        raise UserError(f"{what} '{folder}' is not writable ({write_failure(e, os.path.dirname(os.path.abspath(folder)))}): "
-             f"choose another {what}")
+        raise UserError(f"{what} '{folder}' is not writable "
+                        f"({write_failure(e, os.path.dirname(os.path.abspath(folder)))}): choose another {what}")
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; runs are trusted not to collide
@@ -39,14 +38,16 @@ def lock_folder(folder, what="--out_dir"):
     except OSError:
         lock.seek(0)
         owner = (lock.read().split() or ["?"])[0]
-        raise UserError(f"another run (pid {owner}) is using {what} '{folder}': wait for it to end, or choose another {what}")
+        raise UserError(f"another run (pid {owner}) is using {what} '{folder}': "
+                        f"wait for it to end, or choose another {what}")
     try:
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")  # unique: other nodes check they see it
         lock.flush()
     except OSError as e:  # a full disk takes even these few bytes
-        raise UserError(f"cannot write in {what} '{folder}' ({write_failure(e, folder)}): {what_to_do(e, 'free disk space')}")
+        raise UserError(f"cannot write in {what} '{folder}' ({write_failure(e, folder)}): "
+                        f"{what_to_do(e, 'free disk space')}")
     return lock
 
 

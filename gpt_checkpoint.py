@@ -16,7 +16,6 @@ from gpt_data import dataset_vocabulary
 from runtime import say
 from training import set_rng_state
 
-
 # -----------------------------------------------------------------------------
 # the output folder
 
@@ -50,8 +49,8 @@ def check_shared_folder(folder, device):
     blind = torch.tensor(float(not sees_it), device=device)
     dist.all_reduce(blind)
     if blind.item():
-        raise UserError(f"{int(blind.item())} process(es) cannot see out_dir '{folder}' as rank 0 wrote it: with several "
-             "nodes, out_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
+        raise UserError(f"{int(blind.item())} process(es) cannot see out_dir '{folder}' as rank 0 wrote it: "
+                        "with several nodes, out_dir must be on a filesystem that every node shares (NFS, Lustre, ...)")
 
 
 # -----------------------------------------------------------------------------

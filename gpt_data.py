@@ -10,7 +10,6 @@ import numpy as np
 
 from configurator import UserError
 
-
 # -----------------------------------------------------------------------------
 # batches: where each one starts is a pure function of its position in the run
 
@@ -43,7 +42,8 @@ def token_file_stats(path, scan_tokens=2**28):
     scan_tokens only, so that a 9B-token file costs a second, not minutes."""
     size = os.path.getsize(path)
     if size % 2:
-        raise UserError(f"{path} has {size} bytes, an odd count, but holds uint16 tokens: it is truncated or not a token file")
+        raise UserError(f"{path} has {size} bytes, an odd count, but holds uint16 tokens: "
+                        "it is truncated or not a token file")
     if size == 0:
         return 0, -1
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
@@ -65,7 +65,8 @@ def load_meta(path):
             meta = PlainUnpickler(f).load()
     except Exception as e:  # a file from elsewhere: any unpickling failure is that file's fault
         raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}): prepare the dataset again")
-    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or not 1 <= meta["vocab_size"] <= 2**16:
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) \
+            or not 1 <= meta["vocab_size"] <= 2**16:
         raise UserError(f"{path} needs a 'vocab_size' between 1 and 65536: prepare the dataset again")
     if "stoi" in meta or "itos" in meta:
         stoi, itos = meta.get("stoi"), meta.get("itos")
@@ -73,7 +74,8 @@ def load_meta(path):
                 and all(isinstance(k, str) and isinstance(v, int) for k, v in stoi.items())
                 and all(isinstance(k, int) and isinstance(v, str) for k, v in itos.items())
                 and max(itos, default=-1) < meta["vocab_size"]):
-            raise UserError(f"{path}: 'stoi' and 'itos' must map characters to ids below vocab_size and back: prepare the dataset again")
+            raise UserError(f"{path}: 'stoi' and 'itos' must map characters to ids below vocab_size and back: "
+                            "prepare the dataset again")
     return meta
 
 

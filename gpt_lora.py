@@ -60,7 +60,8 @@ def settings(checkpoint):
     lora = checkpoint.get("lora")
     if lora is None:
         return {"lora_rank": 0}
-    return dict(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], lora_targets=",".join(lora["targets"]))
+    return dict(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                lora_targets=",".join(lora["targets"]))
 
 
 def load(checkpoint, dropout=0.0, reuse=None):
@@ -75,7 +76,8 @@ def load(checkpoint, dropout=0.0, reuse=None):
             or not isinstance(checkpoint.get("model"), dict) or not isinstance(block_size, int):
         raise ValueError("its LoRA entries ('lora', 'model', 'model_args') are missing or malformed")
     shared = reuse is not None and reuse.lora is not None and \
-        (reuse.pretrained_from, reuse.checksum_of_base, reuse.config.block_size) == (lora["base"], lora["base_checksum"], block_size)
+        (reuse.pretrained_from, reuse.checksum_of_base, reuse.config.block_size) \
+        == (lora["base"], lora["base_checksum"], block_size)
     if shared:
         model, name = reuse, f"adapter{len(reuse.peft_config)}"
     else:
@@ -103,11 +105,13 @@ def load_adapter(model, weights, name):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     expected = set(get_peft_model_state_dict(model, adapter_name=name))
     if set(weights) != expected:
-        raise ValueError(f"its adapter weights do not fit its LoRA settings (e.g. {sorted(set(weights) ^ expected)[0]})")
+        raise ValueError("its adapter weights do not fit its LoRA settings "
+                         f"(e.g. {sorted(set(weights) ^ expected)[0]})")
     try:
         set_peft_model_state_dict(model, weights, adapter_name=name)
     except RuntimeError as e:
-        raise ValueError(f"its adapter weights do not fit its LoRA settings ({str(e).splitlines()[-1].strip()})") from None
+        raise ValueError("its adapter weights do not fit its LoRA settings "
+                         f"({str(e).splitlines()[-1].strip()})") from None
 
 
 def merge(model):

@@ -36,7 +36,8 @@ def check_train_settings(config):
     check_ranges(config, TRAIN_RANGES)
     c = config
     if c['n_embd'] % c['n_head']:
-        raise UserError(f"n_embd={c['n_embd']} is not divisible by n_head={c['n_head']}: every head gets n_embd/n_head channels")
+        raise UserError(f"n_embd={c['n_embd']} is not divisible by n_head={c['n_head']}: "
+                        "every head gets n_embd/n_head channels")
     if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters']:
         raise UserError(f"lr_decay_iters={c['lr_decay_iters']} must be larger than warmup_iters={c['warmup_iters']} "
              "(the cosine decay runs between them), or set --decay_lr=False")
@@ -46,7 +47,8 @@ def check_train_settings(config):
     if c['optimizer'] not in ('adamw', 'adamw8bit', 'muon'):
         raise UserError(f"optimizer='{c['optimizer']}' is unknown: use adamw, adamw8bit or muon")
     if c['optimizer'] == 'muon' and not c['learning_rate']:
-        raise UserError("optimizer='muon' scales Muon's rate with the schedule of learning_rate: give learning_rate > 0")
+        raise UserError("optimizer='muon' scales Muon's rate with the schedule of learning_rate: "
+                        "give learning_rate > 0")
     if c['optimizer'] == 'muon' and not hasattr(torch.optim, 'Muon'):
         raise UserError(f"optimizer='muon' needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
     if c['compile_mode'] not in COMPILE_MODES:
@@ -55,8 +57,8 @@ def check_train_settings(config):
         raise UserError(f"attention_backend='{c['attention_backend']}' is unknown: use {', '.join(ATTENTION_BACKENDS)}")
     if c['backend'] not in ('nccl', 'gloo'):
         raise UserError(f"backend='{c['backend']}' is unknown: use nccl (GPUs) or gloo")
-    if not c['out_dir'] or not c['dataset']:
-        raise UserError("out_dir and dataset must not be empty")
+    if not c['out_dir'] or not c['dataset'] or not c['hellaswag_file']:
+        raise UserError("out_dir, dataset and hellaswag_file must not be empty")
     init_from = c['init_from']
     if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
         raise UserError(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
@@ -66,8 +68,8 @@ def check_train_settings(config):
         raise UserError(f"lora_targets='{c['lora_targets']}' names {', '.join(sorted(unknown))}: use a comma-separated "
              f"list of {', '.join(gpt_lora.TARGETS)}")
     if c['lora_rank'] and init_from == 'scratch':
-        raise UserError("lora_rank > 0 adapts a pretrained model: use --init_from=gpt2 (or gpt2-medium, ..., or a Hugging Face "
-             "folder), or --lora_rank=0 to train from scratch")
+        raise UserError("lora_rank > 0 adapts a pretrained model: use --init_from=gpt2 (or gpt2-medium, ..., "
+                        "or a Hugging Face folder), or --lora_rank=0 to train from scratch")
     if c['lora_rank'] and importlib.util.find_spec('peft') is None:
         raise UserError("lora_rank > 0 needs peft: pip install peft")
 

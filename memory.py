@@ -60,7 +60,8 @@ def gpt_params(shape):
 
     def linear(n_in, n_out):
         return [(n_in * n_out, True)] + ([(n_out, False)] if bias else [])
-    block = norm + linear(width, 3 * width) + linear(width, width) + norm + linear(width, 4 * width) + linear(4 * width, width)
+    block = norm + linear(width, 3 * width) + linear(width, width) + norm + linear(width, 4 * width) \
+        + linear(4 * width, width)
     return [(shape["vocab_size"] * width, True), (shape["block_size"] * width, False)] + block * shape["n_layer"] + norm
 
 
@@ -272,7 +273,8 @@ def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_l
         lora_inputs = (3 * hidden + hidden + 2 * hidden + intermediate) * (act + 1) + 7 * act * lora_r
     per_layer = norm_inputs + attention + mlp + lora_inputs
     if not use_lora:
-        per_layer += act * (2 * hidden + intermediate)  # full finetuning also saves the linears' inputs for weight gradients
+        # full finetuning also saves the linears' inputs for weight gradients
+        per_layer += act * (2 * hidden + intermediate)
     tokens = batch_size * max_length
     if gradient_checkpointing:  # each layer's input kept, one layer recomputed in backward
         activations = tokens * (layers * act * hidden + per_layer)
@@ -292,7 +294,8 @@ def vlm_flops_per_sample(arch, max_length, max_pixels, use_lora, gradient_checkp
     params, text, vision = vlm_params(arch), arch["text"], arch["vision"]
     tokens, hidden, layers = max_length, text["hidden_size"], text["num_hidden_layers"]
     matmul = params["lm_linear"] + text["vocab_size"] * hidden  # lm_head is a matmul even when tied
-    forward = tokens * (2 * matmul + 4 * layers * hidden * tokens)  # attention counted non-causal, as nanoGPT's 12*L*C*T
+    # attention counted non-causal, as nanoGPT's 12*L*C*T
+    forward = tokens * (2 * matmul + 4 * layers * hidden * tokens)
     # backward: input gradients (as much as the forward) plus weight gradients, which LoRA skips
     backward = 2 * forward if not use_lora else tokens * (2 * matmul + 8 * layers * hidden * tokens)
     recompute = forward if gradient_checkpointing else 0
@@ -323,8 +326,9 @@ def start_line(memory, world_size, device, per_step, hint):
     if need <= gpu_memory:
         return line
     name = torch.cuda.get_device_name(device)
-    return (f"{line}\nwarning: this run needs ~{need / GiB:.1f} GiB per GPU but {device} ({hardware.match_gpu(name) or name}) "
-            f"has {gpu_memory / GiB:.1f} GiB: it will likely run out of memory; {hint} (python plan.py ... shows what fits)")
+    return (f"{line}\nwarning: this run needs ~{need / GiB:.1f} GiB per GPU but {device} "
+            f"({hardware.match_gpu(name) or name}) has {gpu_memory / GiB:.1f} GiB: it will likely run out of memory; "
+            f"{hint} (python plan.py ... shows what fits)")
 
 
 def gpt_start_line(config, world_size, device, shape, dtype):

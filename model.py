@@ -210,7 +210,8 @@ class GPT(nn.Module):
         try:
             hf_state = GPT2LMHeadModel.from_pretrained(name_or_path).state_dict()
         except Exception as e:  # files from elsewhere (or a download): whatever breaks, it is their fault
-            raise ValueError(f"cannot load its weights ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+            raise ValueError(f"cannot load its weights ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0]})") from None
         model = GPT(GPTConfig(**config_args))
         model.load_hf_state_dict(hf_state)
         model.pretrained_from = os.path.abspath(name_or_path) if is_folder else name_or_path
@@ -257,7 +258,8 @@ class GPT(nn.Module):
         torch.optim.Muon on the blocks' 2-D weights (attention and MLP), AdamW on the rest (embeddings,
         the tied head, biases, norms), stepped and saved as one (MuonAdamW)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        hidden = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] if optimizer == "muon" else []
+        hidden = [p for p in self.transformer.h.parameters() if p.requires_grad and p.dim() == 2] \
+            if optimizer == "muon" else []
         rest = [p for p in params if id(p) not in {id(h) for h in hidden}]
         decay = [p for p in rest if p.dim() >= 2]
         no_decay = [p for p in rest if p.dim() < 2]
@@ -266,7 +268,8 @@ class GPT(nn.Module):
         if hidden:
             print(f"Muon: {len(hidden)} matrices, with {sum(p.numel() for p in hidden):,} parameters")
         print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(no_decay)}, "
+              f"with {sum(p.numel() for p in no_decay):,} parameters")
         if optimizer == "adamw8bit":
             import bitsandbytes as bnb
             return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
@@ -285,7 +288,8 @@ class GPT(nn.Module):
         4N under LoRA, whose frozen weights get no weight gradients."""
         cfg = self.config
         head_size = cfg.n_embd // cfg.n_head
-        return (6 if self.lora is None else 4) * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
+        return (6 if self.lora is None else 4) * self.get_num_params() \
+            + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
 
     def estimate_mfu(self, tokens_per_iter, dt):
         """Model FLOPs utilization: achieved FLOP/s over the bf16 peak of the GPU we run on.

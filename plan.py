@@ -30,9 +30,21 @@ import files
 import hardware
 from configurator import UserError, check_ranges, configure, one_line_errors
 from gpt_settings import check_train_settings, gpt_shape, train_defaults
-from memory import (FRAGMENTATION, GiB, gpt_flops_per_token, gpt_lora_settings, gpt_memory, gpt_params,
-                    needed_bytes, vlm_arch, vlm_flops_per_sample, vlm_memory, vlm_params, vlm_step,
-                    zero_settings)
+from memory import (
+    FRAGMENTATION,
+    GiB,
+    gpt_flops_per_token,
+    gpt_lora_settings,
+    gpt_memory,
+    gpt_params,
+    needed_bytes,
+    vlm_arch,
+    vlm_flops_per_sample,
+    vlm_memory,
+    vlm_params,
+    vlm_step,
+    zero_settings,
+)
 from training import human_time
 from vlm_settings import RANGES, build_parser, check_flags, one_line, read_deepspeed
 
@@ -80,7 +92,8 @@ def split_plan_options(argv):
         key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if key in options and sep:
             try:
-                options[key] = value.replace("_", " ") if key == "gpu" else (int(value) if key == "gpus" else float(value))
+                options[key] = value.replace("_", " ") if key == "gpu" else \
+                    (int(value) if key == "gpus" else float(value))
             except ValueError:
                 raise UserError(f"--{key}={value}: expected a {'whole number' if key == 'gpus' else 'number'}")
         else:
@@ -121,7 +134,8 @@ def parse(argv):
     options, rest = split_plan_options(argv)
     config = gpt_config(rest)
     if config["gradient_accumulation_steps"] % (options["gpus"] or 1):
-        raise UserError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} is not divisible by --gpus={options['gpus']}")
+        raise UserError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} "
+                        f"is not divisible by --gpus={options['gpus']}")
     return gpt_run(config), options
 
 
@@ -157,21 +171,23 @@ def gpt_run(config):
 
     def memory(micro_batch, count, settings):
         run = dict(config, **settings)
-        return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"], run["dropout"],
-                          *gpt_lora_settings(run), run["fused_loss"])
+        return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"],
+                          run["dropout"], *gpt_lora_settings(run), run["fused_loss"])
 
     def flops_per_sample(settings):
         checkpointing = dict(config, **settings)["activation_checkpointing"]  # one more forward: 2N on 6N (4N: LoRA)
-        return flops_per_token * ((1.5 if config["lora_rank"] else 4 / 3) if checkpointing else 1) * config["block_size"]
+        return flops_per_token * ((1.5 if config["lora_rank"] else 4 / 3) if checkpointing else 1) \
+            * config["block_size"]
 
     def where(world):
-        return f"batch_size={config['batch_size']} per GPU, {f'{world} GPUs with DDP' if world > 1 else '1 GPU'}, {dtype}"
-    about = (f"model: {config['init_from']} with n_layer={shape['n_layer']} n_head={shape['n_head']} n_embd={shape['n_embd']} "
-             f"vocab={shape['vocab_size']} block={config['block_size']}: {n_params / 1e6:.1f}M parameters, "
-             f"{flops_per_token / 1e9:.2f} GFLOP per token (training)\n"
-             f"run: {tokens_per_iter:,} tokens/iter x {config['max_iters']:,} iters = {tokens_per_iter * config['max_iters']:,} "
-             f"tokens; optimizer {config['optimizer']}, activation_checkpointing={config['activation_checkpointing']}, "
-             f"fused_loss={config['fused_loss']}{lora}")
+        return (f"batch_size={config['batch_size']} per GPU, "
+                f"{f'{world} GPUs with DDP' if world > 1 else '1 GPU'}, {dtype}")
+    about = (f"model: {config['init_from']} with n_layer={shape['n_layer']} n_head={shape['n_head']} "
+             f"n_embd={shape['n_embd']} vocab={shape['vocab_size']} block={config['block_size']}: "
+             f"{n_params / 1e6:.1f}M parameters, {flops_per_token / 1e9:.2f} GFLOP per token (training)\n"
+             f"run: {tokens_per_iter:,} tokens/iter x {config['max_iters']:,} iters = "
+             f"{tokens_per_iter * config['max_iters']:,} tokens; optimizer {config['optimizer']}, "
+             f"activation_checkpointing={config['activation_checkpointing']}, fused_loss={config['fused_loss']}{lora}")
     return dict(
         kind="gpt", about=about, batch_size=config["batch_size"], settings={}, where=where, memory=memory,
         setups=lambda count: gpt_setups(config),
@@ -199,8 +215,9 @@ def vlm_run(args):
     mode = "no DeepSpeed" if zero is None else \
         f"DeepSpeed ZeRO-{zero['stage']}" + (" + CPU offload" if zero["offload_optimizer"] else "")
     method = f"{'4-bit ' if args.use_4bit else ''}{'LoRA' if args.use_lora else 'full finetune'}"
-    about = (f"model: {args.model}: {total / 1e9:.2f}B parameters (language model {(total - params['vision']) / 1e9:.2f}B, "
-             f"vision {params['vision'] / 1e6:.0f}M, frozen)" + (f"; LoRA r={args.lora_r}: {lora / 1e6:.1f}M trainable" if lora else "")
+    about = (f"model: {args.model}: {total / 1e9:.2f}B parameters "
+             f"(language model {(total - params['vision']) / 1e9:.2f}B, vision {params['vision'] / 1e6:.0f}M, frozen)"
+             + (f"; LoRA r={args.lora_r}: {lora / 1e6:.1f}M trainable" if lora else "")
              + f"\nper sample (worst case): {args.max_length} tokens, one image of {args.max_pixels:,} pixels; "
              f"{flops / 1e12:.2f} TFLOP per sample (training)")
 
@@ -282,7 +299,8 @@ def pick_gpus(name):
     if key is None:
         raise UserError(f"unknown GPU '{name}': use one of {', '.join(planned)} (spaces as _ in --gpu=)")
     if key not in planned:
-        raise UserError(f"{key} has no published tensor peak, so its time cannot be planned: pick one of {', '.join(planned)}")
+        raise UserError(f"{key} has no published tensor peak, so its time cannot be planned: "
+                        f"pick one of {', '.join(planned)}")
     return [key]
 
 
@@ -298,10 +316,12 @@ def best_fit(run, gpu, count, mfu, price):
                 samples_per_s = count * tflops * 1e12 * mfu / run["flops_per_sample"](settings)
                 seconds = run["total_samples"](count) / samples_per_s
                 cost = seconds / 3600 * count * (price if price is not None else default_price)
-                return dict(fits=True, flags=run["flags"](micro, per_gpu // micro, count, setup), peak=sum(memory.values()),
-                            micro=micro, micro_steps=per_gpu // micro, settings=settings,
-                            need=need, tokens_per_s=samples_per_s * run["tokens_per_sample"], seconds=seconds, cost=cost,
-                            side_by_side=int(memory_gib * GiB // need))  # such runs at once per GPU (one class model each)
+                return dict(fits=True, flags=run["flags"](micro, per_gpu // micro, count, setup),
+                            peak=sum(memory.values()), micro=micro, micro_steps=per_gpu // micro,
+                            settings=settings, need=need, tokens_per_s=samples_per_s * run["tokens_per_sample"],
+                            seconds=seconds, cost=cost,
+                            # such runs at once per GPU (one class model each)
+                            side_by_side=int(memory_gib * GiB // need))
     return dict(fits=False)
 
 
@@ -319,7 +339,8 @@ def table(rows):
             lines.append(f"| {gpu} | {count} | no | - | - | - | - | - | - |")
             continue
         lines.append(f"| {gpu} | {count} | yes | `{row['flags']}` | {row['peak'] / GiB:.1f} / {row['need'] / GiB:.1f} "
-                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} | {dollars(row['cost'])} |")
+                     f"| {row['side_by_side']} | {row['tokens_per_s']:,.0f} | {human_time(row['seconds'])} "
+                     f"| {dollars(row['cost'])} |")
     return "\n".join(lines)
 
 
@@ -358,12 +379,14 @@ def trade_off(run, rows):
         return "nothing fits: fewer samples per step, more GPUs or a bigger GPU"
     gpu, count, row = fitting[0]
     if row["micro"] == run["batch_size"]:
-        return f"micro-batch on {gpu} x {count}: the config's own, {row['micro']}, in {row['micro_steps']} micro-step(s)"
+        return (f"micro-batch on {gpu} x {count}: the config's own, {row['micro']}, "
+                f"in {row['micro_steps']} micro-step(s)")
     own = sum(run["memory"](run["batch_size"], count, row["settings"]).values()) / GiB
     own_steps = run["samples_per_gpu"](count) // run["batch_size"]
-    return (f"micro-batch on {gpu} x {count}: {row['micro']} in {row['micro_steps']} micro-step(s), {row['peak'] / GiB:.1f} GiB "
-            f"of tensors, instead of the config's {run['batch_size']} in {own_steps} ({own:.1f} GiB): the same samples per "
-            f"step in {'fewer, larger' if row['micro'] > run['batch_size'] else 'more, smaller'} matmuls. The time column "
+    return (f"micro-batch on {gpu} x {count}: {row['micro']} in {row['micro_steps']} micro-step(s), "
+            f"{row['peak'] / GiB:.1f} GiB of tensors, instead of the config's {run['batch_size']} in {own_steps} "
+            f"({own:.1f} GiB): the same samples per step in "
+            f"{'fewer, larger' if row['micro'] > run['batch_size'] else 'more, smaller'} matmuls. The time column "
             "counts FLOPs at one MFU, so it does not show the speed difference; bench.py measures it")
 
 
@@ -379,7 +402,8 @@ def docs_tables():
         mfu, why = mfu_assumption(run["kind"])
         rows = [(gpu, options["gpus"], best_fit(run, gpu, options["gpus"], mfu, None)) for gpu in DOCS_GPUS]
         part = f"**{title}**, {options['gpus']} GPU(s) (`python plan.py {arguments}`):\n\n{table(rows)}"
-        parts.setdefault(run["kind"], ([], f"MFU {mfu:.0%} ({why}); default $/GPU-hour from hardware.py."))[0].append(part)
+        parts.setdefault(run["kind"],
+                         ([], f"MFU {mfu:.0%} ({why}); default $/GPU-hour from hardware.py."))[0].append(part)
     return {f"{kind}-table": "\n\n".join(tables) + "\n\n" + note for kind, (tables, note) in parts.items()}
 
 
@@ -391,7 +415,8 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): give the UTF-8 planning page (docs/PLANNING.md)")
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): "
+                        "give the UTF-8 planning page (docs/PLANNING.md)")
     updated = []
     for name, body in docs_tables().items():
         pattern = re.compile(rf"(<!-- plan:{name} -->\n).*?(<!-- /plan:{name} -->)", re.S)
@@ -400,7 +425,8 @@ def update_docs(path=os.path.join(ROOT, "docs", "PLANNING.md")):
             text = pattern.sub(lambda m: m.group(1) + note + body + "\n" + m.group(2), text)
             updated.append(name)
     if not updated:
-        raise UserError(f"{path} has no '<!-- plan:gpt-table -->' ... '<!-- /plan:gpt-table -->' (or vlm-table) markers, each on its own line")
+        raise UserError(f"{path} has no '<!-- plan:gpt-table -->' ... '<!-- /plan:gpt-table -->' (or vlm-table) "
+                        "markers, each on its own line")
     files.write_output_file(path, lambda f: f.write(text.encode("utf-8")), f"the planning page {path}")
     print(f"updated {', '.join(updated)} in {path}")
 

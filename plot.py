@@ -66,8 +66,10 @@ def main(argv):
     for run, records in logs.items():
         name = os.path.basename(os.path.normpath(run))
         for ax, x in zip(axes, ("iter", "elapsed_s")):
-            line, = ax.plot(*series(records, "loss", x), linewidth=0.7, alpha=0.45, label=f"{name} train (one iteration)")
-            ax.plot(*series(records, "val_loss", x), marker="o", markersize=3, color=line.get_color(), label=f"{name} val")
+            line, = ax.plot(*series(records, "loss", x), linewidth=0.7, alpha=0.45,
+                            label=f"{name} train (one iteration)")
+            ax.plot(*series(records, "val_loss", x), marker="o", markersize=3, color=line.get_color(),
+                    label=f"{name} val")
     for ax, label in zip(axes, ("iteration", "elapsed seconds (compilation left out)")):
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)

@@ -113,11 +113,13 @@ def attention_kernels(backend, device_type, dropout=0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if backend == "auto":
         if device_type == "cuda" and torch.cuda.get_device_capability()[0] == 9:
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
             return sdpa_kernel(order, set_priority=True)
         return nullcontext()
     if backend in ("cudnn", "efficient") and device_type != "cuda":
-        raise UserError(f"attention_backend='{backend}' runs on CUDA GPUs only: use auto, flash or math on {device_type}")
+        raise UserError(f"attention_backend='{backend}' runs on CUDA GPUs only: "
+                        f"use auto, flash or math on {device_type}")
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend])
 
@@ -127,7 +129,8 @@ def compile_blocker(device_type):
     if device_type == "cuda":
         from torch.utils._triton import has_triton
         return None if has_triton() else "Triton is not installed"
-    if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+    if device_type == "cpu" \
+            and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
         return "no C++ compiler found"
     return None
 

@@ -6,6 +6,7 @@ $ python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt
 """
 import signal
 import sys
+
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted"))  # Ctrl-C at any time: one line, no traceback
 import os  # noqa: E402
 

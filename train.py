@@ -16,6 +16,7 @@ exist with the fused loss), and the optimizer object is `optim` (`optimizer` is 
 """
 import signal
 import sys
+
 signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was trained"))  # no traceback
 import os  # noqa: E402
 import time
@@ -102,7 +103,6 @@ seed = 1337
 config, explicit_keys = settings(globals())  # config files and --key=value; a UserError is one line from here
 check_train_settings(config)  # every setting's range, and the ones that must agree (gpt_settings.py)
 # -----------------------------------------------------------------------------
-
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
 device, device_type = runtime.resolve_device(device)
@@ -189,8 +189,8 @@ if block_size < model.config.block_size:  # crop down the model block size if de
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
 if lora_rank > model.config.n_embd:
-    raise UserError(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a rank that "
-         "high; use a smaller --lora_rank (4 to 64 is usual)")
+    raise UserError(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a "
+                    "rank that high; use a smaller --lora_rank (4 to 64 is usual)")
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 gpt_data.check_vocabulary_fits(data_dir, largest_token, meta_vocab_size, model.config.vocab_size)
@@ -198,8 +198,8 @@ if hellaswag and model.config.vocab_size < 50257:
     raise UserError(f"eval_hellaswag scores GPT-2 BPE tokens, but the model's vocabulary has {model.config.vocab_size}")
 if init_from == 'resume':
     gpt_checkpoint.check_resume(checkpoint, ckpt_path, config, vocabulary)  # refuse what cannot continue, note the rest
-    iter_num, best_val_loss, last_eval_iter = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint.get('last_eval_iter')
-    elapsed_before = checkpoint.get('elapsed_s', 0.0)
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    last_eval_iter, elapsed_before = checkpoint.get('last_eval_iter'), checkpoint.get('elapsed_s', 0.0)
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 model.activation_checkpointing, model.fused_loss = activation_checkpointing, fused_loss
 model.to(device)
@@ -306,15 +306,14 @@ X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
 check_every = 10
 t0, t0_iter = time.time(), iter_num
 run_start, compile_s, compiling = t0, 0.0, compile and not blocker  # compiling: the first iteration and eval
-nonfinite_in_a_row = torch.zeros((), device=device)
-nonfinite_total = torch.zeros((), device=device)
+nonfinite_in_a_row, nonfinite_total = torch.zeros((), device=device), torch.zeros((), device=device)
 stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
 params = [p for p in raw_model.parameters() if p.requires_grad]
 skip_on_device = all(group.get('fused') for group in optim.param_groups)  # fused AdamW takes found_inf
 while True:
-    # determine and set the learning rate for this iteration
-    lr = training.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr else learning_rate
-    training.set_learning_rate(optim, lr)
+    lr = (training.cosine_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters) if decay_lr
+          else learning_rate)
+    training.set_learning_rate(optim, lr)  # this iteration's learning rate, in every parameter group
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 and iter_num != last_eval_iter or eval_only:
@@ -384,8 +383,8 @@ while True:
         mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
         print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
               f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}, ETA {eta}")
-        log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt, 'mfu': mfu,
-             'peak_memory_gib': runtime.peak_memory_gib(device)})
+        log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
+             'mfu': mfu, 'peak_memory_gib': runtime.peak_memory_gib(device)})
     if stop_requested:
         say(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
         break

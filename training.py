@@ -13,7 +13,6 @@ import torch
 import files
 from configurator import UserError
 
-
 # -----------------------------------------------------------------------------
 # the loop's mechanics
 
@@ -87,6 +86,7 @@ def set_rng_state(state):
 def init_wandb(project, run_name, config):
     """Start wandb; with no API key or no network, run offline and say so instead of crashing."""
     import netrc
+
     import wandb
     mode = os.environ.get("WANDB_MODE") or None
     if mode is None and not os.environ.get("WANDB_API_KEY"):

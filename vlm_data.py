@@ -14,8 +14,8 @@ import json
 import os
 
 import torch
-from PIL import Image, UnidentifiedImageError
 import transformers
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoProcessor
 
 from configurator import UserError
@@ -152,8 +152,8 @@ def measure_samples(path, samples, processor, max_length, skip_long, cache_file=
                      f"{max_length}; raise it, lower --max-pixels, or pass --skip-long")
             too_long += 1
         elif labels == 0:  # its loss would be 0/0
-            raise UserError(f"{sample[2]}: no assistant reply to learn from (every token is masked): add a gpt/assistant turn "
-                 "or remove the record")
+            raise UserError(f"{sample[2]}: no assistant reply to learn from (every token is masked): "
+                            "add a gpt/assistant turn or remove the record")
         else:
             kept.append(sample)
             label_tokens.append(labels)
@@ -204,7 +204,8 @@ def measure(samples, processor):
                 try:
                     processor._get_num_multimodal_tokens(image_sizes=[size])
                 except ValueError as e:
-                    raise UserError(f"{where}: image {path} ({size[1]}x{size[0]}) cannot be used ({first_line(e)}): crop or pad it")
+                    raise UserError(f"{where}: image {path} ({size[1]}x{size[0]}) cannot be used ({first_line(e)}): "
+                                    "crop or pad it")
         raise
     rendered = [assistant_spans(messages, processor) for messages, _, _ in samples]
     encoded = processor.tokenizer([text for text, _ in rendered], return_offsets_mapping=True)
@@ -386,7 +387,8 @@ def encode(samples, processor, dummy_image=False):
     labels = torch.full_like(batch["input_ids"], -100)
     for row, (text, spans) in enumerate(rendered):
         real = batch["attention_mask"][row].bool()
-        labels[row, real] = torch.tensor(assistant_labels(text, spans, batch["input_ids"][row, real].tolist(), processor))
+        labels[row, real] = torch.tensor(assistant_labels(text, spans, batch["input_ids"][row, real].tolist(),
+                                                          processor))
     batch = dict(batch, labels=labels)
     return with_dummy_image(batch, processor) if dummy_image and not images else batch
 

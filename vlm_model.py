@@ -63,7 +63,8 @@ def load_model(args, dtype, device, zero3):
     checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if args.use_4bit:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing, **checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                **checkpointing)
         for name, param in model.named_parameters():
             if part_of(name) != "language":  # it upcast everything to fp32; the vision side need not be
                 param.data = param.data.to(dtype)
@@ -90,14 +91,15 @@ def lora_targets(model, args):
         return linear
     wanted = args.lora_target_modules.split(",")
     for leaf in set(wanted) - {name.split(".")[-1] for name in linear}:
-        raise UserError(f"--lora-target-modules {leaf}: no linear layer of that name in the {' or the '.join(parts)} model; "
-             "name linear layers, e.g. q_proj,v_proj")
+        raise UserError(f"--lora-target-modules {leaf}: no linear layer of that name in the "
+                        f"{' or the '.join(parts)} model; name linear layers, e.g. q_proj,v_proj")
     return [name for name in linear if name.split(".")[-1] in wanted]
 
 
 def fully_trained_modules(model, args):
     """What LoRA runs train whole (peft's modules_to_save: copies saved in the adapter): --modules-to-save,
-    and the projector or vision tower roots. Qwen's merger sits inside its vision tower: --train-vision trains it too."""
+    and the projector or vision tower roots. Qwen's merger sits inside its vision tower: --train-vision trains it
+    too."""
     names = args.modules_to_save.split(",") if args.modules_to_save else []
     modules = [name for name, _ in model.named_modules()]
     for wanted in names:  # peft ignores a name that matches nothing: the user would train less than asked
@@ -115,8 +117,8 @@ def add_lora(model, args):
     modules = dict(model.named_modules())
     narrowest = min(min(modules[name].in_features, modules[name].out_features) for name in targets)
     if args.lora_r > narrowest:
-        raise UserError(f"--lora-r {args.lora_r} is above the narrowest adapted layer's width ({narrowest}): no layer has a rank "
-             "that high; use a smaller --lora-r (8 to 64 is usual)")
+        raise UserError(f"--lora-r {args.lora_r} is above the narrowest adapted layer's width ({narrowest}): "
+                        "no layer has a rank that high; use a smaller --lora-r (8 to 64 is usual)")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=fully_trained_modules(model, args))
     try:

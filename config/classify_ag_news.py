@@ -4,9 +4,11 @@
 # Hardware: one 16 GB GPU at batch 8 in bf16/fp16 (dtype='auto' picks it). On a CPU: smoke runs only.
 # $ python data/prepare_classes.py ag_news
 # one class after another (the folders are World, Sports, Business, Sci_Tech):
-# $ for c in World Sports Business Sci_Tech; do python train.py config/classify_ag_news.py --dataset=ag_news/$c --out_dir=out-ag_news/$c; done
+# $ for c in World Sports Business Sci_Tech; do \
+#     python train.py config/classify_ag_news.py --dataset=ag_news/$c --out_dir=out-ag_news/$c; done
 # or in parallel, one GPU per class: CUDA_VISIBLE_DEVICES=<i> python train.py ... & for each, then wait
-# $ python classify.py --models=out-ag_news/World,out-ag_news/Sports,out-ag_news/Business,out-ag_news/Sci_Tech --test=data/ag_news/test.jsonl
+# $ python classify.py --models=out-ag_news/World,out-ag_news/Sports,out-ag_news/Business,out-ag_news/Sci_Tech \
+#     --test=data/ag_news/test.jsonl
 
 init_from = 'gpt2'
 dataset = 'ag_news/World'  # the class: ag_news/<folder>

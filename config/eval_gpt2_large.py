@@ -1,5 +1,6 @@
 # Evaluate OpenAI's gpt2-large on OpenWebText (no training): prints its train and val loss.
-# Hardware: one GPU that holds the model at batch_size 8 (see `python plan.py config/eval_gpt2_large.py`); lower --batch_size if it runs out of memory.
+# Hardware: one GPU that holds the model at batch_size 8 (see `python plan.py config/eval_gpt2_large.py`);
+# lower --batch_size if it runs out of memory.
 # $ python data/openwebtext/prepare.py
 # $ python train.py config/eval_gpt2_large.py
 batch_size = 8

@@ -24,7 +24,6 @@ import os
 import re
 
 import numpy as np
-
 from prepare_text import check_fraction, claim_folder, dataset_folder, fail, write_whole
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
@@ -164,17 +163,20 @@ def prepare(source, out_dir, text=None, label=None, labels=None, val_fraction=0.
     test = splits["test"]
     test_names = to_names(test[label], test.features[label], names, f"{source} test")
     write_whole(os.path.join(out_dir, "test.jsonl"), "".join(
-        json.dumps({"text": str(document), "label": name}) + "\n" for document, name in zip(test[text], test_names)).encode())
+        json.dumps({"text": str(document), "label": name}) + "\n"
+        for document, name in zip(test[text], test_names)).encode())
     counts = [len(by_class[name]) for name in names]
     write_whole(os.path.join(out_dir, "labels.json"), json.dumps(
-        {"names": names, "folders": folders, "train_counts": counts, "priors": [count / sum(counts) for count in counts]},
+        {"names": names, "folders": folders, "train_counts": counts,
+         "priors": [count / sum(counts) for count in counts]},
         indent=2).encode())
     print(f"{len(test_names):,} test documents -> {os.path.join(out_dir, 'test.jsonl')}; classes in labels.json")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a Hugging Face dataset name, a save_to_disk folder, or a .csv/.jsonl/.parquet file")
+    parser.add_argument("source",
+                        help="a Hugging Face dataset name, a save_to_disk folder, or a .csv/.jsonl/.parquet file")
     parser.add_argument("--name", help="writes data/<name>/ (default: the source's name)")
     parser.add_argument("--out-dir", help="write here instead of data/<name>/")
     parser.add_argument("--text", help="the text column (default: detected)")
@@ -183,7 +185,8 @@ if __name__ == "__main__":
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--test-fraction", type=float, default=0.1, help="when the dataset has no test split")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--overwrite", action="store_true", help="replace the dataset in the output folder if there is one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the dataset in the output folder if there is one")
     args = parser.parse_args()
     name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.source)))[0].replace("/", "_")
     out_dir = args.out_dir or dataset_folder(name, elsewhere=": or give --out-dir")

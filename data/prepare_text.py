@@ -47,7 +47,8 @@ def claim_folder(folder, ours, overwrite):
         fail(f"{folder} is a file, not a folder: choose another name")
     existing = [name for name in ours if os.path.exists(os.path.join(folder, name))]
     if existing and not overwrite:
-        fail(f"{folder} already holds a dataset ({', '.join(existing)}): pass --overwrite to replace it, or another name")
+        fail(f"{folder} already holds a dataset ({', '.join(existing)}): "
+             "pass --overwrite to replace it, or another name")
     return existing
 
 
@@ -55,7 +56,8 @@ def read_documents(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(os.path.join(root, f) for root, _, files in os.walk(item) for f in files if f.endswith('.txt'))
+            paths += sorted(os.path.join(root, f) for root, _, files in os.walk(item) for f in files
+                            if f.endswith('.txt'))
         elif os.path.isfile(item):
             paths.append(item)
         else:

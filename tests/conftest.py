@@ -67,6 +67,7 @@ def run_inline(script, *args):
     import gc
     import runpy
     import signal
+
     from configurator import UserError
     argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
     sys.argv = [script, *map(str, args)]
@@ -137,7 +138,8 @@ def small_disk(tmp_path):
     """A real 2 MiB filesystem (tmpfs), where the test may mount one."""
     disk = tmp_path / 'disk'
     disk.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)],
+                             capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f'cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}')
     try:
@@ -173,7 +175,8 @@ def finished_run(char_data, tmp_path_factory):
     """A tiny train.py run that finished (its checkpoint at iter 2), trained once per test process:
     copy it (shutil.copytree) before a test changes it."""
     out = tmp_path_factory.mktemp('finished_run')
-    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2', '--eval_interval=2')
+    r = run_script('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--max_iters=2',
+                   '--eval_interval=2')
     assert r.returncode == 0, r.stderr
     return str(out)
 

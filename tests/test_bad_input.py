@@ -13,10 +13,18 @@ import signal
 import numpy as np
 import pytest
 import torch
-
-from conftest import (REPO, TINY, assert_one_line_error, read_log, run_inline, run_script, start_script, write_checkpoint,
-                      tiny_hf_gpt2, wait_for)
-
+from conftest import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    read_log,
+    run_inline,
+    run_script,
+    start_script,
+    tiny_hf_gpt2,
+    wait_for,
+    write_checkpoint,
+)
 
 # -----------------------------------------------------------------------------
 # fixtures: a finished run, and a folder of broken things to feed the scripts
@@ -56,6 +64,7 @@ def write_tokens(folder, tokens, meta=None, raw_meta=None):
 def lora_checkpoint(base, good):
     """A LoRA checkpoint on the Hugging Face folder base, with the other entries of the checkpoint good."""
     import dataclasses
+
     import gpt_lora
     from model import GPT
     model = GPT.from_pretrained(base)
@@ -80,10 +89,12 @@ def bad(finished_run, tmp_path_factory):
         'meta_too_small': write_tokens(root / 'small_vocab', range(60), meta=dict(chars, vocab_size=2)),
         'meta_too_big': write_tokens(root / 'big_vocab', [i % 100 for i in range(1000)], meta={'vocab_size': 100}),
         'ckpt_list': write_checkpoint(root / 'ckpt_list', [1, 2, 3]),
-        'ckpt_no_optimizer': write_checkpoint(root / 'ckpt_no_optimizer', {k: v for k, v in good.items() if k != 'optimizer'}),
+        'ckpt_no_optimizer': write_checkpoint(root / 'ckpt_no_optimizer',
+                                              {k: v for k, v in good.items() if k != 'optimizer'}),
         'ckpt_wrong_weights': write_checkpoint(root / 'ckpt_wrong_weights',
                                                dict(good, model_args=dict(good['model_args'], n_embd=64))),
-        'ckpt_bad_args': write_checkpoint(root / 'ckpt_bad_args', dict(good, model_args=dict(good['model_args'], n_head=0))),
+        'ckpt_bad_args': write_checkpoint(root / 'ckpt_bad_args',
+                                          dict(good, model_args=dict(good['model_args'], n_head=0))),
         'hf': str(root / 'hf'),
         'hf_no_config': str(root / 'hf_no_config'),
         'not_utf8': str(root / 'latin1.py'),
@@ -158,14 +169,16 @@ TRAIN = [
     ('warmup negative', ['--warmup_iters=-1'], 1, 'warmup_iters must be in [0, inf)'),
     ('decay shorter than warmup', ['--warmup_iters=100', '--lr_decay_iters=50'], 1,
      'lr_decay_iters=50 must be larger than warmup_iters=100'),
-    ('decay_lr off allows any lengths', ['--warmup_iters=100', '--lr_decay_iters=50', '--decay_lr=False', '--optimizer=x'],
-     1, "optimizer='x' is unknown"),
-    ('min_lr above learning_rate', ['--min_lr=1e-2', '--learning_rate=1e-3'], 1, 'min_lr=0.01 is above learning_rate=0.001'),
+    ('decay_lr off allows any lengths',
+     ['--warmup_iters=100', '--lr_decay_iters=50', '--decay_lr=False', '--optimizer=x'], 1, "optimizer='x' is unknown"),
+    ('min_lr above learning_rate', ['--min_lr=1e-2', '--learning_rate=1e-3'], 1,
+     'min_lr=0.01 is above learning_rate=0.001'),
     ('min_lr negative', ['--min_lr=-1e-5'], 1, 'min_lr must be in [0, inf)'),
     ('seed negative', ['--seed=-1'], 1, 'seed must be in [0, 4294967296)'),
     ('seed too large', ['--seed=99999999999'], 1, 'seed must be in [0, 4294967296)'),
     ('optimizer unknown', ['--optimizer=sgd'], 1, "optimizer='sgd' is unknown: use adamw, adamw8bit or muon"),
-    ('muon without a learning_rate', ['--optimizer=muon', '--learning_rate=0.0', '--min_lr=0.0'], 1, 'give learning_rate > 0'),
+    ('muon without a learning_rate', ['--optimizer=muon', '--learning_rate=0.0', '--min_lr=0.0'], 1,
+     'give learning_rate > 0'),
     ('compile_mode unknown', ['--compile_mode=fast'], 1, "compile_mode='fast' is unknown: use default, max-autotune"),
     ('attention_backend unknown', ['--attention_backend=xformers'], 1, "attention_backend='xformers' is unknown"),
     ('a CUDA-only attention kernel on the CPU', ['--attention_backend=efficient', '--device=cpu'], 1,
@@ -176,7 +189,7 @@ TRAIN = [
     ('device unknown', ['--device=tpu'], 1, "device='tpu' is unknown"),
     ('device malformed', ['--device=cuda:x'], 1, "device='cuda:x' is unknown"),
     ('device without CUDA', ['--device=cuda'], 1, 'CUDA is not available here: use --device=cpu'),
-    ('out_dir empty', ['--out_dir='], 1, 'out_dir and dataset must not be empty'),
+    ('out_dir empty', ['--out_dir='], 1, 'out_dir, dataset and hellaswag_file must not be empty'),
     ('out_dir is a file', ['--out_dir={a_file}'], 1, 'is not writable'),
     ('out_dir inside a file', ['--out_dir={a_file}/out'], 1, 'is not writable'),
     ('new run over a finished one', ['--max_iters=4'], 1, 'holds another run (best.pt, ckpt.pt, log.jsonl)'),
@@ -188,7 +201,8 @@ TRAIN = [
     ('meta.pkl smaller than the tokens', ['--dataset={meta_too_small}'], 1, 'holds token id 59 but'),
     ('meta vocabulary larger than the model', ['--dataset={meta_too_big}', '--init_from=resume'], 1,
      "has 100 tokens but the model's vocabulary has 61"),
-    ('resume with another n_layer', ['--init_from=resume', '--n_layer=3'], 1, 'the checkpoint has n_layer=2 but n_layer=3'),
+    ('resume with another n_layer', ['--init_from=resume', '--n_layer=3'], 1,
+     'the checkpoint has n_layer=2 but n_layer=3'),
     ('resume without a checkpoint', ['--init_from=resume', '--out_dir={hf_no_config}'], 1, 'no checkpoint at'),
     ('checkpoint is a list', ['--init_from=resume', '--out_dir={ckpt_list}'], 1, 'is not a train.py checkpoint'),
     ('checkpoint without optimizer', ['--init_from=resume', '--out_dir={ckpt_no_optimizer}'], 1, 'it lacks optimizer'),
@@ -196,13 +210,17 @@ TRAIN = [
      'its weights do not fit its model_args'),
     ('checkpoint args malformed', ['--init_from=resume', '--out_dir={ckpt_bad_args}'], 1, 'it holds no GPT'),
     ('HF folder without config', ['--init_from={hf_no_config}', '--out_dir={fresh}'], 1, 'has no config.json'),
-    ('HF config not JSON', ['--init_from={hf_bad_json}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (JSONDecodeError'),
-    ('HF config missing sizes', ['--init_from={hf_missing_keys}', '--out_dir={fresh}'], 1, 'is not a GPT-2 config (KeyError'),
+    ('HF config not JSON', ['--init_from={hf_bad_json}', '--out_dir={fresh}'], 1,
+     'is not a GPT-2 config (JSONDecodeError'),
+    ('HF config missing sizes', ['--init_from={hf_missing_keys}', '--out_dir={fresh}'], 1,
+     'is not a GPT-2 config (KeyError'),
     ('HF weights broken', ['--init_from={hf_bad_weights}', '--out_dir={fresh}'], 1, 'cannot load its weights'),
-    ('LoRA on a model from scratch', ['--lora_rank=4', '--out_dir={fresh}'], 1, 'lora_rank > 0 adapts a pretrained model'),
+    ('LoRA on a model from scratch', ['--lora_rank=4', '--out_dir={fresh}'], 1,
+     'lora_rank > 0 adapts a pretrained model'),
     ('LoRA target unknown', ['--lora_targets=c_attn,q_proj'], 1, "names q_proj: use a comma-separated list of c_attn"),
     ('lora_alpha 0', ['--lora_alpha=0'], 1, 'lora_alpha must be in (0, inf)'),
-    ('resume a full run with LoRA', ['--init_from=resume', '--lora_rank=4'], 1, 'the checkpoint has lora_rank=0 but lora_rank=4'),
+    ('resume a full run with LoRA', ['--init_from=resume', '--lora_rank=4'], 1,
+     'the checkpoint has lora_rank=0 but lora_rank=4'),
     ('LoRA base replaced since', ['--init_from=resume', '--out_dir={lora_base_changed}'], 1,
      'now has other weights than those its adapter was trained on'),
     ('LoRA base deleted since', ['--init_from=resume', '--out_dir={lora_base_gone}'], 1, 'its base model'),
@@ -265,7 +283,8 @@ def test_train_gradient_accumulation_not_divisible_by_processes(char_data, tmp_p
     monkeypatch.chdir(REPO)
     for key, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='3').items():
         monkeypatch.setenv(key, value)
-    result = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--gradient_accumulation_steps=4')
+    result = run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={tmp_path}',
+                        '--gradient_accumulation_steps=4')
     assert_one_line_error(result, 'gradient_accumulation_steps=4 is not divisible by the 3 processes')
 
 
@@ -358,7 +377,8 @@ def test_sample_refuses_a_meta_pkl_that_runs_code(results, tmp_path, bad, monkey
     del ckpt['vocabulary']
     torch.save(ckpt, results / 'ckpt.pt')
     monkeypatch.chdir(REPO)
-    assert_one_line_error(run_inline('sample.py', f'--out_dir={results}', '--device=cpu'), 'only plain values are allowed')
+    assert_one_line_error(run_inline('sample.py', f'--out_dir={results}', '--device=cpu'),
+                          'only plain values are allowed')
     assert not os.path.exists(MARKER)
 
 
@@ -455,8 +475,9 @@ def test_ctrl_c_while_starting_is_one_line(script, tmp_path):
 
 FREE_TEXT = {'train.py': {'wandb_project', 'wandb_run_name'}, 'sample.py': {'start', 'out_dir'}}  # any string is valid
 REFUSED_STRINGS = {'out_dir': '', 'dataset': '', 'init_from': 'gpt3', 'device': 'tpu', 'dtype': 'float64',
-                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt', 'lora_targets': 'q_proj',
-                   'compile_mode': 'turbo', 'attention_backend': 'sage'}
+                   'optimizer': 'sgd', 'backend': 'mpi2', 'checkpoint_name': 'no_such_ckpt.pt',
+                   'lora_targets': 'q_proj', 'compile_mode': 'turbo', 'attention_backend': 'sage',
+                   'hellaswag_file': ''}
 
 
 def refused_value(name, default, ranges):

@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import REPO, TINY, assert_one_line_error, run_inline, run_script, write_checkpoint
 
 NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -21,8 +20,10 @@ def three_sources(lines_per_class=300):
         lines = [line.strip() for line in f if len(line.split()) >= 5][:2 * lines_per_class]
     rng = random.Random(0)
     numbers = [f"{rng.choice(NUMBERS)} plus {rng.choice(NUMBERS)} makes {rng.choice(NUMBERS)} and "
-               f"{rng.choice(NUMBERS)} times {rng.choice(NUMBERS)} is {rng.choice(NUMBERS)}." for _ in range(lines_per_class)]
-    return {"verse": lines[::2], "esrev": [" ".join(reversed(line.split())) for line in lines[1::2]], "numbers": numbers}
+               f"{rng.choice(NUMBERS)} times {rng.choice(NUMBERS)} is {rng.choice(NUMBERS)}."
+               for _ in range(lines_per_class)]
+    return {"verse": lines[::2], "esrev": [" ".join(reversed(line.split())) for line in lines[1::2]],
+            "numbers": numbers}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,10 @@ def test_prepare_classes_reads_a_hugging_face_dataset_saved_to_disk(tmp_path):
     import datasets
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     texts = [f"a {'fine' if i % 2 else 'dull'} film number {i}" for i in range(40)]
-    data = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]}, features),
-                                test=datasets.Dataset.from_dict({"text": texts[:6], "label": [i % 2 for i in range(6)]}, features))
+    data = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(40)]},
+                                                                  features),
+                                test=datasets.Dataset.from_dict({"text": texts[:6], "label": [i % 2 for i in range(6)]},
+                                                                features))
     data.save_to_disk(str(tmp_path / "saved"))
     assert run_inline("data/prepare_classes.py", tmp_path / "saved", "--out-dir", tmp_path / "out")[0] == 0
     with open(tmp_path / "out" / "labels.json") as f:
@@ -75,9 +78,10 @@ def test_prepare_classes_bad_input_is_one_line(corpus, tmp_path):
         assert_one_line_error((code, message), expected)
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(run_inline("data/prepare_classes.py", tmp_path / "notes.txt"), "must be .csv, .jsonl")
-    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--name", "../x"), "must be a folder name under data/")
-    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--out-dir", tmp_path / "out", "--test-fraction",
-                                     "nan"), "--test-fraction must be in (0, 1), got nan")
+    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--name", "../x"),
+                          "must be a folder name under data/")
+    assert_one_line_error(run_inline("data/prepare_classes.py", source, "--out-dir", tmp_path / "out",
+                                     "--test-fraction", "nan"), "--test-fraction must be in (0, 1), got nan")
     (tmp_path / "one.csv").write_text("text,label\nhello,a\n")
     assert_one_line_error(run_inline("data/prepare_classes.py", tmp_path / "one.csv", "--out-dir", tmp_path / "out"),
                           "1 row(s) cannot give a train and a --test-fraction 0.1 test split")
@@ -112,14 +116,16 @@ def train_class_models(corpus, out, *extra, classes=None):
 
 def classify(corpus, models):
     """classify.py's accuracies by line name, and its output."""
-    result = run_script("classify.py", f"--models={','.join(models)}", f"--test={corpus / 'data' / 'test.jsonl'}", "--device=cpu")
+    result = run_script("classify.py", f"--models={','.join(models)}", f"--test={corpus / 'data' / 'test.jsonl'}",
+                        "--device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     return {line.split("  accuracy")[0].strip(): float(line.split("accuracy ")[1].split()[0])
             for line in result.stdout.splitlines() if "  accuracy " in line}, result.stdout
 
 
 def assert_beats_the_baselines(accuracy, output):
-    gpt, majority, bayes = (accuracy[k] for k in ("generative GPT classifier", "majority class", "naive Bayes (word counts)"))
+    gpt, majority, bayes = (accuracy[k] for k in ("generative GPT classifier", "majority class",
+                                                  "naive Bayes (word counts)"))
     assert gpt >= 0.75 and gpt > majority + 0.3, output  # chance is 1/3
     assert gpt > bayes or gpt == 1.0, output  # word counts cannot tell verse from reversed verse; word order can
 
@@ -137,8 +143,9 @@ def test_lora_class_models_sharing_one_base_score_as_each_alone(corpus, tmp_path
     import tiktoken
     import torch
     import torch.nn.functional as F
-    from gpt_checkpoint import load_gpt
     from conftest import tiny_hf_gpt2
+
+    from gpt_checkpoint import load_gpt
     tiny_hf_gpt2(tmp_path / "base", vocab_size=50257, n_layer=2, n_embd=32, n_positions=32)
     adapters = train_class_models(corpus, tmp_path / "lora", f"--init_from={tmp_path / 'base'}", "--lora_rank=4",
                                   "--max_iters=10", "--eval_iters=1")
@@ -176,6 +183,7 @@ def tiny_class_model(out_dir, dataset, vocabulary=None, vocab_size=50304, block_
     """A random class model's checkpoint as train.py writes one: for what classify.py checks and computes,
     not for accuracy."""
     import torch
+
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=vocab_size, bias=False, dropout=0.0,
@@ -203,8 +211,10 @@ def test_classify_bad_input_is_one_line_and_leaves_every_file_as_it_was(corpus, 
         (test, f"--out={tmp_path / 'no' / 'p.jsonl'}"): "p.jsonl: its folder does not exist",
         (f"--test={tmp_path / 'no_text.jsonl'}", f"--labels={data / 'labels.json'}"):
             'no_text.jsonl line 2 is not a {"text": "...", "label": ...} object',
-        (f"--test={tmp_path / 'a_list.jsonl'}", f"--labels={data / 'labels.json'}"): "a_list.jsonl line 1 is not a {",
-        (f"--test={tmp_path / 'a_dict.json'}", f"--labels={data / 'labels.json'}"): "a_dict.json line 1 is not valid JSON",
+        (f"--test={tmp_path / 'a_list.jsonl'}", f"--labels={data / 'labels.json'}"):
+            "a_list.jsonl line 1 is not a {",
+        (f"--test={tmp_path / 'a_dict.json'}", f"--labels={data / 'labels.json'}"):
+            "a_dict.json line 1 is not valid JSON",
         (test, f"--labels={tmp_path / 'zero_prior.json'}"): "class 'esrev' has prior 0.0; each prior must be in (0, 1]",
         (test, "--stride=17"): "--stride=17 is above",
         (test, f"--models={with_a_char_model}", "--overwrite=True"): "has another vocabulary than",
@@ -217,6 +227,7 @@ def test_classify_bad_input_is_one_line_and_leaves_every_file_as_it_was(corpus, 
 
 def test_char_level_class_models_score_each_document_in_their_characters(tmp_path):
     import torch
+
     from model import GPT
     texts = {"ab": ["abab ab", "ba ab"], "cd": ["cdcd dc", "dc cd"]}
     vocabulary = dict(enumerate(" \nabcd"))
@@ -229,8 +240,8 @@ def test_char_level_class_models_score_each_document_in_their_characters(tmp_pat
                                                                 "priors": [0.5, 0.5]}))
     (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps({"text": d, "label": n}) + "\n"
                                                           for n, docs in texts.items() for d in docs))
-    args = [f"--models={tmp_path / 'out' / 'ab'},{tmp_path / 'out' / 'cd'}", f"--test={tmp_path / 'data' / 'test.jsonl'}",
-            "--device=cpu"]
+    args = [f"--models={tmp_path / 'out' / 'ab'},{tmp_path / 'out' / 'cd'}",
+            f"--test={tmp_path / 'data' / 'test.jsonl'}", "--device=cpu"]
     assert run_inline("classify.py", *args) == (0, "")
     predictions = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     model = GPT.from_checkpoint(torch.load(tmp_path / "out" / "ab" / "ckpt.pt", weights_only=True)).eval()

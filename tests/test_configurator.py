@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from configurator import UserError, configure, read_defaults
-from model import GPT, GPTConfig, PRETRAINED
+from model import GPT, PRETRAINED, GPTConfig
 
 DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, init_from='scratch', wandb_run_name='gpt2', top_p=None)
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, read_log, run_script, torchrun
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (torch.cuda.is_available() is False)')
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason='needs a CUDA GPU (torch.cuda.is_available() is False)')
 
 # small enough for any GPU, big enough for real kernels (flash attention, fused AdamW, Inductor)
 GPU = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=8',
@@ -45,7 +45,8 @@ def test_float16_with_the_grad_scaler_learns(char_data, tmp_path):
 
 def test_resume_on_the_gpu_continues_like_an_unbroken_run(char_data, tmp_path):
     # the checkpoint's RNG states were loaded onto the GPU before, and every resume crashed
-    args = [*GPU, f'--dataset={char_data}', '--dtype=bfloat16' if torch.cuda.is_bf16_supported(False) else '--dtype=float16',
+    args = [*GPU, f'--dataset={char_data}',
+            '--dtype=bfloat16' if torch.cuda.is_bf16_supported(False) else '--dtype=float16',
             '--compile=False', '--dropout=0.1', '--eval_interval=5', '--max_iters=16']
     assert run_script('train.py', *args, f'--out_dir={tmp_path / "full"}').returncode == 0
     assert run_script('train.py', *args, f'--out_dir={tmp_path / "split"}', '--max_iters=10').returncode == 0
@@ -135,10 +136,12 @@ def test_plan_peak_memory_is_within_a_fifth_of_max_memory_allocated(fused_loss):
     import memory
     from model import GPT, GPTConfig
     shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=512, bias=False, vocab_size=50304)
-    predicted = sum(memory.gpt_memory(shape, batch_size=16, world_size=1, dtype='bfloat16', fused_loss=fused_loss).values())
+    predicted = sum(memory.gpt_memory(shape, batch_size=16, world_size=1, dtype='bfloat16',
+                                      fused_loss=fused_loss).values())
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = GPT(GPTConfig(**{k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')})).cuda()
+    model = GPT(GPTConfig(**{k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias',
+                                                   'vocab_size')})).cuda()
     model.fused_loss = fused_loss
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cuda')
     x = torch.randint(0, 50304, (16, 512), device='cuda')
@@ -149,7 +152,8 @@ def test_plan_peak_memory_is_within_a_fifth_of_max_memory_allocated(fused_loss):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
-    print(f"fused_loss={fused_loss}: plan.py peak {predicted / 2**30:.3f} GiB, max_memory_allocated {measured / 2**30:.3f} GiB, "
+    print(f"fused_loss={fused_loss}: plan.py peak {predicted / 2**30:.3f} GiB, "
+          f"max_memory_allocated {measured / 2**30:.3f} GiB, "
           f"ratio {predicted / measured:.3f}")
     assert 0.8 < predicted / measured < 1.25
 

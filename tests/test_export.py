@@ -3,8 +3,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import run_inline, write_checkpoint
+
 from model import GPT, GPTConfig
 
 
@@ -17,7 +17,8 @@ def random_run(folder, vocab_size, dataset, bias, gelu="tanh", **entries):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1 if name.endswith("ln_1.weight") else 0))
-    write_checkpoint(folder, {"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset}, **entries})
+    write_checkpoint(folder, {"model": model.state_dict(), "model_args": args, "config": {"dataset": dataset},
+                              **entries})
     return model.eval()
 
 
@@ -38,7 +39,8 @@ def test_exported_bpe_model_gives_our_logits_and_gpt2_tokens_and_loads_back(tmp_
         torch.testing.assert_close(GPT.from_pretrained(folder).eval()(idx)[0], expected, atol=1e-4, rtol=0)
     import tiktoken
     text = "Hello world! Ça va? 1234  spaces\n\tand <tabs> — dashes, naïve cafés."
-    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] \
+        == tiktoken.get_encoding("gpt2").encode_ordinary(text)
 
 
 def test_a_char_level_model_exports_weights_and_says_it_has_no_tokenizer(tmp_path, char_data):
@@ -61,7 +63,8 @@ def test_a_char_level_model_gets_no_gpt2_tokenizer_wherever_its_dataset_is(tmp_p
 
 def test_an_export_removes_what_a_killed_export_to_the_same_folder_left_and_nothing_else(tmp_path):
     random_run(tmp_path / "run", 20, "nowhere", bias=False)
-    dead, alive, users = (tmp_path / name for name in (".run-hf.tmp4999999", f".run-hf.tmp{os.getppid()}", ".run-hf.tmp"))
+    dead, alive, users = (tmp_path / name
+                          for name in (".run-hf.tmp4999999", f".run-hf.tmp{os.getppid()}", ".run-hf.tmp"))
     for folder in (dead, alive, users):  # pid 4999999 is above Linux's largest: never running
         folder.mkdir()
         (folder / "config.json").write_text("half written")

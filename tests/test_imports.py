@@ -12,7 +12,8 @@ def imports_of(module):
     """The repo's modules that `module` imports anywhere in its source (inside functions too)."""
     with open(os.path.join(REPO, f'{module}.py'), encoding='utf-8') as f:
         tree = ast.parse(f.read())
-    names = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names = {alias.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
     names |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     return names & set(MODULES) - {module}
 
@@ -48,5 +49,6 @@ def test_what_bench_and_plan_read_of_train_py_is_what_it_runs_with(capsys, monke
     monkeypatch.chdir(REPO)
     assert run_inline('train.py', '--help') == (0, '')  # prints the settings train.py built, then exits
     lines = capsys.readouterr().out.split('settings (set with a config file or --key=value):\n')[1].splitlines()
-    running = dict((key.strip().lstrip('-'), ast.literal_eval(value)) for key, value in (line.split('=', 1) for line in lines))
+    running = dict((key.strip().lstrip('-'), ast.literal_eval(value))
+                   for key, value in (line.split('=', 1) for line in lines))
     assert train_defaults() == running

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from conftest import TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
 
 import gpt_lora
 from gpt_checkpoint import load_gpt
-from conftest import TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
 from model import GPT
 
 LORA = ['--lora_rank=4', '--lora_alpha=8.0', '--lora_dropout=0.1', '--learning_rate=3e-3', '--eval_interval=4']
@@ -47,7 +47,8 @@ def batch():
 
 def test_a_lora_checkpoint_holds_only_the_adapters_and_names_its_base(lora_runs, base):
     ckpt = checkpoint(lora_runs[0])
-    assert ckpt['lora']['base'] == base and ckpt['lora']['rank'] == 4 and ckpt['lora']['targets'] == list(gpt_lora.TARGETS)
+    assert ckpt['lora']['base'] == base and ckpt['lora']['rank'] == 4 \
+        and ckpt['lora']['targets'] == list(gpt_lora.TARGETS)
     assert all('.lora_A.' in name or '.lora_B.' in name for name in ckpt['model'])
     # per layer, rank x (in + out) for c_attn, attention's c_proj, c_fc and the MLP's c_proj
     assert sum(v.numel() for v in ckpt['model'].values()) == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_hf_gpt2
+
 from model import GPT, GPTConfig, sample_next
 
 

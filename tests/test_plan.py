@@ -8,13 +8,13 @@ import types
 
 import pytest
 import torch
+import vlm_fixtures
+from conftest import REPO
 
 import gpt_lora
 import memory
 import plan
-import vlm_fixtures
 from configurator import UserError
-from conftest import REPO
 from gpt_settings import gpt_shape
 from model import GPT, GPTConfig
 
@@ -88,7 +88,8 @@ def test_gpt_parameter_count_matches_the_model(bias):
 
 def gpt2_medium_peak(batch_size=2, activation_checkpointing=False):
     shape = gpt_shape(plan.gpt_config([os.path.join(REPO, "config/finetune_gpt2_medium.py")]))
-    return sum(memory.gpt_memory(shape, batch_size, 1, "bfloat16", activation_checkpointing=activation_checkpointing).values())
+    return sum(memory.gpt_memory(shape, batch_size, 1, "bfloat16",
+                                 activation_checkpointing=activation_checkpointing).values())
 
 
 def test_a_bigger_batch_needs_more_memory():
@@ -198,7 +199,8 @@ def test_vlm_parameter_groups_match_qwen2_vl():
     vision = sum(p.numel() for n, p in model.named_parameters() if is_vision(n))
     assert counts["vision"] == vision == sum(counts["merger"]) + sum(counts["tower"])
     assert sorted(counts["merger"]) == sorted(p.numel() for n, p in model.named_parameters() if ".merger." in n)
-    assert counts["lm_linear"] + counts["lm_other"] + counts["lm_head"] == sum(p.numel() for p in model.parameters()) - vision
+    assert counts["lm_linear"] + counts["lm_other"] + counts["lm_head"] \
+        == sum(p.numel() for p in model.parameters()) - vision
 
 
 def test_vlm_lora_bytes_match_real_tensors():
@@ -212,9 +214,10 @@ def test_vlm_lora_bytes_match_real_tensors():
 
 
 def test_vlm_bytes_match_real_tensors_when_the_projector_and_vision_lora_train():
+    from transformers import Qwen2VLForConditionalGeneration
+
     import train_ds
     import vlm_model
-    from transformers import Qwen2VLForConditionalGeneration
     config = tiny_qwen2_vl_config()
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
@@ -235,8 +238,8 @@ def test_vlm_qlora_bytes_match_real_tensors(tmp_path):
                                       bnb_4bit_compute_dtype=torch.bfloat16,
                                       llm_int8_skip_modules=["model.visual", "lm_head"])  # vision stays 16-bit
     Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=quantization,
-                                                            device_map={"": "cpu"})
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                            quantization_config=quantization, device_map={"": "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for name, param in model.named_parameters():
         if is_vision(name):  # as train_ds.py: the frozen vision tower back to 16 bits
@@ -287,7 +290,8 @@ def test_docs_tables_match_the_committed_planning_page(tmp_path):
     shutil.copy(committed, copy)
     plan.update_docs(str(copy))
     with open(committed, encoding="utf-8") as f:
-        assert copy.read_text(encoding="utf-8") == f.read(), "docs/PLANNING.md is stale: run python plan.py --update-docs"
+        assert copy.read_text(encoding="utf-8") == f.read(), \
+            "docs/PLANNING.md is stale: run python plan.py --update-docs"
 
 
 def test_docs_tables_are_deterministic_and_only_the_marked_regions_change(tmp_path):
@@ -301,7 +305,8 @@ def test_docs_tables_are_deterministic_and_only_the_marked_regions_change(tmp_pa
     assert path.read_text() == first
     assert "old table" not in first and "| RTX 4090 |" in first and "Qwen2-VL-2B QLoRA" in first
     # outside the markers every byte is as before
-    outside = [first.split("<!-- plan:gpt-table -->")[0], first.split("<!-- /plan:gpt-table -->")[1].split("<!-- plan:vlm-table -->")[0],
+    outside = [first.split("<!-- plan:gpt-table -->")[0],
+               first.split("<!-- /plan:gpt-table -->")[1].split("<!-- plan:vlm-table -->")[0],
                first.split("<!-- /plan:vlm-table -->")[1]]
     assert outside == ["# Title\n\nHand-written text stays.\n\n", "\n\nMiddle text.\n", "\nEnd.\n"]
 
@@ -335,15 +340,18 @@ def test_vlm_start_line_for_a_model_it_cannot_size_says_so_and_goes_on():
 
 def test_start_line_warns_when_the_run_will_not_fit_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=8 * memory.GiB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=8 * memory.GiB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4070")
     line = memory.start_line({"weights": 10 * memory.GiB}, 1, "cuda:0", "1 token/iter", "try less")
     first, warning = line.split("\n")
     assert first == "plan: peak ~10.00 GiB of tensors per process, 1 token/iter"
-    assert warning.startswith("warning: this run needs ~11.1 GiB per GPU but cuda:0 (RTX 4070) has 8.0 GiB") and "try less" in warning
+    assert warning.startswith("warning: this run needs ~11.1 GiB per GPU but cuda:0 (RTX 4070) has 8.0 GiB") \
+        and "try less" in warning
 
 
-@pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py", "train_ds.py", "vlm_data.py", "vlm_checkpoint.py"])
+@pytest.mark.parametrize("script", ["memory.py", "bench.py", "train.py", "train_ds.py", "vlm_data.py",
+                                    "vlm_checkpoint.py"])
 def test_shared_code_and_training_do_not_import_the_planner(script):
     with open(os.path.join(REPO, script)) as f:
         tree = ast.parse(f.read())

@@ -10,10 +10,19 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    TINY,
+    assert_one_line_error,
+    fill_up,
+    kill_one_torchrun_worker,
+    read_log,
+    run_script,
+    start_script,
+    wait_for,
+)
 
 import files
 from configurator import UserError
-from conftest import TINY, assert_one_line_error, fill_up, kill_one_torchrun_worker, read_log, run_script, start_script, wait_for
 
 # big enough that a checkpoint takes a few milliseconds to write, so kills can land inside a save
 KILL_ARGS = ['--n_layer=2', '--n_head=4', '--n_embd=128', '--block_size=32', '--batch_size=4',
@@ -36,7 +45,8 @@ def test_kill_9_at_random_moments_then_resume_finishes_like_an_uninterrupted_run
     while kills < 20 or (kills_in_save < 5 and kills < 40):  # a fast disk saves quickly: try more often
         resume = (out / 'ckpt.pt').exists()
         # a run killed before its first checkpoint left only a log: start over, replacing it
-        proc = start_script('train.py', *args, f'--out_dir={out}', '--init_from=resume' if resume else '--overwrite=True')
+        proc = start_script('train.py', *args, f'--out_dir={out}',
+                            '--init_from=resume' if resume else '--overwrite=True')
         if kills % 2:  # let one save complete, then kill inside the next one
             saved_at = mtime(out / 'ckpt.pt')
             wait_for(lambda: mtime(out / 'ckpt.pt') != saved_at or proc.poll() is not None, 60)

@@ -1,7 +1,7 @@
 import torch
+from test_model import tiny_gpt
 
 import runtime
-from test_model import tiny_gpt
 
 
 def test_the_cpu_attention_kernels_give_the_same_logits():

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import REPO, TINY, read_log, run_inline, run_script, tiny_hf_gpt2, torchrun
 
 
@@ -72,7 +71,8 @@ def losses_after(out_dir, n):
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_resume_continues_bit_identically(char_data, tmp_path, optimizer):
     # dropout on, so the RNG state must be restored too; Muon's momentum must be restored as AdamW's moments
-    args = [*TINY, f'--dataset={char_data}', '--eval_interval=3', '--dropout=0.1', '--max_iters=12', f'--optimizer={optimizer}']
+    args = [*TINY, f'--dataset={char_data}', '--eval_interval=3', '--dropout=0.1', '--max_iters=12',
+            f'--optimizer={optimizer}']
     assert run_script('train.py', *args, f'--out_dir={tmp_path / "full"}').returncode == 0
     assert run_script('train.py', *args, f'--out_dir={tmp_path / "split"}', '--max_iters=7').returncode == 0
     r = run_script('train.py', *args, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
@@ -172,7 +172,8 @@ def test_checkpoints_are_read_onto_the_cpu(finished_run, char_data, tmp_path, mo
     out = shutil.copytree(finished_run, tmp_path / 'out')
     placed = []
     load = torch.load
-    monkeypatch.setattr(torch, 'load', lambda *a, **k: placed.append((k.get('map_location'), k.get('mmap'))) or load(*a, **k))
+    monkeypatch.setattr(torch, 'load',
+                        lambda *a, **k: placed.append((k.get('map_location'), k.get('mmap'))) or load(*a, **k))
     monkeypatch.chdir(REPO)
     assert run_inline('train.py', *TINY, f'--dataset={char_data}', f'--out_dir={out}', '--init_from=resume',
                       '--max_iters=3')[0] == 0
@@ -185,7 +186,8 @@ def test_sample_draws_all_samples_in_one_batch(finished_run, monkeypatch):
     out = finished_run
     batches = []
     generate = GPT.generate
-    monkeypatch.setattr(GPT, 'generate', lambda self, idx, *a, **k: batches.append(idx.shape[0]) or generate(self, idx, *a, **k))
+    monkeypatch.setattr(GPT, 'generate',
+                        lambda self, idx, *a, **k: batches.append(idx.shape[0]) or generate(self, idx, *a, **k))
     monkeypatch.chdir(REPO)
     assert run_inline('sample.py', f'--out_dir={out}', '--max_new_tokens=3', '--num_samples=5', '--device=cpu')[0] == 0
     assert batches == [5]

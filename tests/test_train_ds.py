@@ -22,16 +22,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    command,
+    fill_up,
+    free_port,
+    kill_one_torchrun_worker,
+    read_log,
+    run_script,
+    start_script,
+    wait_for,
+)
 from safetensors.torch import load_file
+from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
 
 import train_ds
 import vlm_checkpoint
 import vlm_data
 import vlm_model
 from configurator import UserError
-from conftest import (REPO, assert_one_line_error, command, fill_up, free_port, kill_one_torchrun_worker, read_log,
-                      run_script, start_script, wait_for)
-from vlm_fixtures import write_llava, write_no_template_copy, write_qwen2_vl
 
 TINY_IMAGES = ["--min-pixels", str(56 * 56), "--max-pixels", str(56 * 56)]
 
@@ -41,7 +51,8 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm")
     assert run_script("data/vlm_demo/prepare.py", "--out-dir", root / "demo", "--num-train", 12, "--num-val", 4,
                       "--size", 56).returncode == 0
-    paths = {"root": root, "qwen": str(write_qwen2_vl(str(root / "qwen"))), "llava": str(write_llava(str(root / "llava"))),
+    paths = {"root": root, "qwen": str(write_qwen2_vl(str(root / "qwen"))),
+             "llava": str(write_llava(str(root / "llava"))),
              "train": str(root / "demo" / "train.json"), "val": str(root / "demo" / "val.jsonl")}
     paths["args"] = ["--model", paths["qwen"], "--data", paths["train"], *TINY_IMAGES,
                      "--warmup-steps", "0", "--learning-rate", "1e-2", "--seed", "1"]
@@ -73,7 +84,8 @@ def test_labels_keep_exactly_the_assistant_replies(work, tmp_path):
     from PIL import Image
     Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
     processor = qwen_processor(work)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
+    messages = [{"role": "user",
+                 "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
                 {"role": "user", "content": [{"type": "text", "text": "what shape?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]
@@ -106,7 +118,8 @@ def test_the_stock_qwen_processor_loads_without_torchvision(work, tmp_path):
     processor.save_pretrained(tmp_path)  # as every checkpoint does: it loads again, by the stock class's name
     with open(tmp_path / "processor_config.json") as f:
         assert json.load(f)["processor_class"] == "Qwen2VLProcessor"
-    assert vlm_data.load_processor(str(tmp_path), False, 56 * 56, 56 * 56).image_processor.size["shortest_edge"] == 56 * 56
+    assert vlm_data.load_processor(str(tmp_path), False, 56 * 56, 56 * 56).image_processor.size["shortest_edge"] \
+        == 56 * 56
 
 
 def llava_processor(work):
@@ -137,7 +150,8 @@ def test_llava_replies_get_an_eos_token_appended_and_labelled(work):
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     eos_positions = [i for i, token in enumerate(ids) if token == processor.tokenizer.eos_token_id]
     assert len(eos_positions) == 2 and all(labels[i] == ids[i] for i in eos_positions)  # one per reply, learnt
-    assert processor.tokenizer.decode(ids[eos_positions[0] + 1:]).startswith(" USER: what shape?")  # before the next turn
+    # before the next turn
+    assert processor.tokenizer.decode(ids[eos_positions[0] + 1:]).startswith(" USER: what shape?")
     assert processor.tokenizer.decode([t for t in labels if t != -100]).replace(" ", "") == "blue</s>star</s>"
 
 
@@ -164,7 +178,8 @@ def test_a_text_only_batch_gets_a_tiny_masked_image_that_changes_no_loss(work, a
                  for answer in ("blue", "red green blue yellow")]
     plain, dummy = vlm_data.encode(text_only, processor), vlm_data.encode(text_only, processor, dummy_image=True)
     added = dummy["input_ids"].shape[1] - plain["input_ids"].shape[1]
-    assert "pixel_values" in dummy and added == (1 if arch == "qwen" else 4)  # Qwen: one merged patch, not min-pixels; LLaVA: fixed
+    # Qwen: one merged patch, not min-pixels; LLaVA: fixed
+    assert "pixel_values" in dummy and added == (1 if arch == "qwen" else 4)
     assert dummy["attention_mask"][:, -added:].sum() == 0 and (dummy["labels"][:, -added:] == -100).all()
     with torch.no_grad():
         losses = [model(**batch, use_cache=False).loss for batch in (plain, dummy)]
@@ -190,10 +205,12 @@ def test_measuring_from_image_headers_gives_the_full_encodings_lengths_and_label
     turn = lambda role, text: {"from": role, "value": text}
     records = [{"conversations": [turn("human", "hi"), turn("gpt", "red circle")]},  # no image
                {"image": "wide.png", "conversations": [turn("human", "<image>\nwhat is it"), turn("gpt", "a star")]},
-               {"image": ["tall.jpg", "big.png"], "conversations": [turn("human", "<image> and <image>"), turn("gpt", "two"),
-                                                                    turn("human", "colour?"), turn("gpt", "red and red")]},
+               {"image": ["tall.jpg", "big.png"],
+                "conversations": [turn("human", "<image> and <image>"), turn("gpt", "two"),
+                                  turn("human", "colour?"), turn("gpt", "red and red")]},
                {"images": ["big.png"], "messages": [{"role": "system", "content": "be brief"},
-                                                    {"role": "user", "content": "<image>say"}, {"role": "assistant", "content": "hello"}]}]
+                                                    {"role": "user", "content": "<image>say"},
+                                                    {"role": "assistant", "content": "hello"}]}]
     samples = vlm_data.read_samples(write_data(tmp_path, records, "mixed.json"))
     processor = qwen_processor(work) if arch == "qwen" else llava_processor(work)
     full = [vlm_data.encode([sample], processor) for sample in samples]
@@ -209,7 +226,8 @@ def test_a_bad_record_found_by_another_rank_stops_every_rank_with_one_line(work,
                         torchrun=2, env={"OMP_NUM_THREADS": "1"}, timeout=180)
     assert result.returncode != 0 and 'train_ds.py", line' not in result.stderr, result.stderr[-2000:]  # torchrun's own
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {data} record 3") and "nope.png not found" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {data} record 3") and "nope.png not found" in errors[0], \
+        result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 
@@ -256,19 +274,23 @@ BAD_DATA = {  # name: (records after two good ones, what the error line must say
     "unreadable image": ([{"image": "broken.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "broken.png is unreadable"),
     "placeholder count": ([{"image": [GOOD_IMAGE, GOOD_IMAGE], "conversations": [
-        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}], "1 <image> placeholder(s) but 2 image(s)"),
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}],
+        "1 <image> placeholder(s) but 2 image(s)"),
     "empty conversation": ([{"image": GOOD_IMAGE, "conversations": []}], "empty conversation"),
     "too long": ([{"images": [GOOD_IMAGE], "messages": [
         {"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "one two three " * 60}]}],
         "longer than --max-length 150"),
     "no assistant reply": ([{"image": GOOD_IMAGE, "conversations": QA[:1]}], "no assistant reply to learn from"),
-    "conversations is a string": ([{"image": GOOD_IMAGE, "conversations": "<image>\nq"}], "'conversations' must be a list"),
+    "conversations is a string": ([{"image": GOOD_IMAGE, "conversations": "<image>\nq"}],
+                                  "'conversations' must be a list"),
     "conversations is a number": ([{"conversations": 5}], "'conversations' must be a list"),
     "turn is not an object": ([{"conversations": ["q", "a"]}], "'conversations' must be a list of objects"),
-    "value is a number": ([{"conversations": [QA[0], {"from": "gpt", "value": 5}]}], "must be a string or a list, not 5"),
+    "value is a number": ([{"conversations": [QA[0], {"from": "gpt", "value": 5}]}],
+                          "must be a string or a list, not 5"),
     "role is a list": ([{"conversations": [{"from": ["human"], "value": "q"}]}], "unknown role ['human']"),
     "image is a number": ([{"image": 5, "conversations": QA}], "'image' must be an image file name"),
-    "images are numbers": ([{"images": [1], "messages": [{"role": "user", "content": "<image>q"}]}], "'images' must be"),
+    "images are numbers": ([{"images": [1], "messages": [{"role": "user", "content": "<image>q"}]}],
+                           "'images' must be"),
     "messages is an object": ([{"messages": {"role": "user", "content": "q"}}], "'messages' must be a list"),
     "content list of strings": ([{"messages": [{"role": "user", "content": ["q"]}]}], "a content list holds only"),
     "decompression bomb": ([{"image": "big.png", "conversations": QA}], "too large to decode safely"),
@@ -327,12 +349,14 @@ def test_bad_setup_is_one_line(work, tmp_path, case):
         config["text_config"]["hidden_size"] *= 2
         with open(config_path, "w") as f:
             json.dump(config, f)
-    assert expected in error_of([*work["args"], "--output-dir", str(tmp_path / "out"), *[a.format(**paths) for a in extra]])
+    assert expected in error_of([*work["args"], "--output-dir", str(tmp_path / "out"),
+                                 *[a.format(**paths) for a in extra]])
 
 
 def test_4bit_without_bitsandbytes_says_how_to_install_it(work, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    message = error_of([*work["args"], "--output-dir", str(tmp_path / "out"), "--use-4bit", "--use-lora", "--no-deepspeed"])
+    message = error_of([*work["args"], "--output-dir", str(tmp_path / "out"), "--use-4bit", "--use-lora",
+                        "--no-deepspeed"])
     assert message == "error: --use-4bit needs bitsandbytes: pip install bitsandbytes"
 
 
@@ -465,7 +489,8 @@ def test_a_second_run_on_the_same_output_dir_is_refused(work, tmp_path):
 def test_ctrl_c_while_starting_is_one_line_without_traceback(tmp_path):
     process = start_script("train_ds.py", "--no-deepspeed", "--output-dir", tmp_path / "out")
     # torch's libraries mapped: the script is inside `import torch`, past its first lines, ~0.3 s after the start
-    assert wait_for(lambda: process.poll() is not None or "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(), 60)
+    assert wait_for(lambda: process.poll() is not None
+                    or "libtorch" in Path(f"/proc/{process.pid}/maps").read_text(), 60)
     process.send_signal(signal.SIGINT)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
@@ -507,7 +532,8 @@ def test_every_label_token_weighs_the_same_across_micro_batches_and_in_eval(work
     base = [*work["args"], "--data", data, "--eval-data", data, "--no-deepspeed", "--use-lora", "--lora-dropout", "0",
             "--max-steps", "1", "--num-workers", "0"]
     runs = {}
-    for name, flags in {"micro": ["--batch-size", "1", "--gradient-accumulation-steps", "2"], "batch": ["--batch-size", "2"]}.items():
+    for name, flags in {"micro": ["--batch-size", "1", "--gradient-accumulation-steps", "2"],
+                        "batch": ["--batch-size", "2"]}.items():
         train_ds.main([*base, *flags, "--output-dir", str(tmp_path / name)])
         eval_loss = float(capsys.readouterr().out.split("eval loss ")[1].split()[0])
         adapter = load_file(str(tmp_path / name / "checkpoint-1" / "adapter_model.safetensors"))
@@ -528,7 +554,8 @@ def test_a_data_error_met_in_a_loader_worker_stops_with_its_one_line(work, tmp_p
     samples = vlm_data.read_samples(work["train"])
     samples[0] = (samples[0][0], [str(tmp_path / "gone.png")], "record 0")  # deleted after validation
     data = SimpleNamespace(processor=qwen_processor(work), dummy_image=False, lock=None)
-    batches = train_ds.loader(samples, lambda i: [i], [1, 0], data, SimpleNamespace(num_workers=1, seed=0), torch.device("cpu"))
+    batches = train_ds.loader(samples, lambda i: [i], [1, 0], data, SimpleNamespace(num_workers=1, seed=0),
+                              torch.device("cpu"))
     assert next(batches)["input_ids"].shape[0] == 1
     with pytest.raises(UserError) as error:
         next(batches)
@@ -617,7 +644,8 @@ def no_space_left(error):
 FULL_DISK = {  # which write fails, and how its library reports a full disk
     "processor (tokenizers: a bare Exception)": ("transformers.ProcessorMixin.save_pretrained",
                                                  Exception("No space left on device (os error 28)")),
-    "trainer state (torch, via utils: OSError)": ("train_ds.atomic_torch_save", OSError(errno.ENOSPC, "No space left on device")),
+    "trainer state (torch, via utils: OSError)": ("train_ds.atomic_torch_save",
+                                                  OSError(errno.ENOSPC, "No space left on device")),
 }
 
 
@@ -633,7 +661,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(lora
     message = error_of([*args, "--output-dir", full, "--resume", "--max-steps", "9"])
     assert message.startswith("error: could not save checkpoint-9 (No space left on device")
     assert message.endswith(" MiB free); the previous checkpoint is intact: free disk space and resume")
-    assert vlm_checkpoint.checkpoint_steps(full) == [4, 8] and not os.path.exists(os.path.join(full, ".tmp-checkpoint-9"))
+    assert vlm_checkpoint.checkpoint_steps(full) == [4, 8] \
+        and not os.path.exists(os.path.join(full, ".tmp-checkpoint-9"))
     assert {name: open(os.path.join(checkpoint, name), "rb").read() for name in os.listdir(checkpoint)} == before
 
 
@@ -644,7 +673,8 @@ def test_grad_clip_0_means_no_clipping_and_trains(work, tmp_path):
     assert all(math.isfinite(entry["loss"]) for entry in steps_of(output_dir))
     adapter = load_file(os.path.join(output_dir, "checkpoint-2", "adapter_model.safetensors"))
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
-    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # they start at zero: a clip to norm 0 would keep them there
+    # they start at zero: a clip to norm 0 would keep them there
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
 
 
 def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
@@ -692,8 +722,10 @@ def test_full_finetune_checkpoint_keeps_the_base_config_and_its_vision_side(work
     monkeypatch.setattr(vlm_checkpoint, "gathered_state_dict", lambda *a, **k: gathers.append(1) or gather(*a, **k))
     train_ds.main([*work["args"], "--no-deepspeed", "--max-steps", "1", "--output-dir", output_dir])
     assert len(gathers) == 1  # the weights are gathered once per save (ZeRO-3 gathers cost a full model each)
-    base, model = (load_file(os.path.join(folder, "model.safetensors")) for folder in (work["qwen"], output_dir + "/checkpoint-1"))
-    assert changed(base, model, "language") and not changed(base, model, "vision") and not changed(base, model, "projector")
+    base, model = (load_file(os.path.join(folder, "model.safetensors"))
+                   for folder in (work["qwen"], output_dir + "/checkpoint-1"))
+    assert changed(base, model, "language") and not changed(base, model, "vision") \
+        and not changed(base, model, "projector")
     base = json.load(open(os.path.join(work["qwen"], "config.json")))
     saved = json.load(open(os.path.join(output_dir, "checkpoint-1", "config.json")))
     assert saved.get("use_cache") == base.get("use_cache")  # the KV cache is off in training only
@@ -706,7 +738,8 @@ def test_4bit_lora_quantizes_language_model_only_and_trains(work, tmp_path):
     model = train_ds.load_model(args, torch.float32, torch.device("cpu"), zero3=False)
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all("language_model" in n for n in quantized)
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "visual" in n or "lm_head" in n)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules()
+                   if "visual" in n or "lm_head" in n)
     output_dir = str(tmp_path / "qlora")
     train_ds.main([*work["args"], "--use-4bit", "--use-lora", "--no-deepspeed", "--max-steps", "2",
                    "--output-dir", output_dir])
@@ -807,7 +840,8 @@ def test_benchmark_mfu_is_the_achieved_flops_over_the_gpu_peak(work, monkeypatch
 def deepspeed_run(work, output_dir, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on a small CPU: oversubscribed threads crawl
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))  # op built once
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this env's
+    launcher = shutil.which("deepspeed",
+                            path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this env's
     args = [launcher, "--num_gpus=2", "--master_port", str(free_port()), *command("train_ds.py")[1:],
             *work["args"], "--use-lora", "--batch-size", "1", "--output-dir", output_dir, *extra]
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=420, cwd=REPO)
@@ -823,7 +857,8 @@ def test_fp16_picked_for_qwen_on_a_gpu_without_bfloat16_warns(work, monkeypatch,
     warning = capsys.readouterr().out.strip()
     assert warning.startswith("warning: ") and "Qwen2" in warning and "\n" not in warning
     assert train_ds.choose_dtype(train_ds.parse_args(["--model", work["llava"]])) == torch.float16
-    assert train_ds.choose_dtype(train_ds.parse_args([*work["args"], "--fp16"])) == torch.float16  # asked for: no warning
+    # asked for: no warning
+    assert train_ds.choose_dtype(train_ds.parse_args([*work["args"], "--fp16"])) == torch.float16
     assert capsys.readouterr().out == ""
 
 
@@ -849,8 +884,8 @@ def test_deepspeed_zero2_two_processes_match_one_process(work, tmp_path):
     extra = ["--max-steps", "6", "--save-steps", "6", "--lora-dropout", "0"]
     output_dir = str(tmp_path / "zero2")
     log = deepspeed_run(work, output_dir, extra)
-    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--batch-size", "1", "--gradient-accumulation-steps", "2",
-                   *extra, "--output-dir", str(tmp_path / "one")])
+    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--batch-size", "1",
+                   "--gradient-accumulation-steps", "2", *extra, "--output-dir", str(tmp_path / "one")])
     for key in ("loss", "grad_norm"):  # Adam hides a gradient scale; the norm does not
         assert [e[key] for e in log] == pytest.approx([e[key] for e in steps_of(str(tmp_path / "one"))], rel=1e-4), key
     losses = [entry["loss"] for entry in log]
@@ -862,7 +897,8 @@ def test_deepspeed_zero2_two_processes_match_one_process(work, tmp_path):
 def test_deepspeed_zero3_text_only_samples_run_and_adapter_is_not_empty(work, tmp_path):
     records = json.load(open(work["train"]))
     for i in range(0, len(records), 2):  # half the samples carry no image
-        records[i] = {"conversations": [{"from": "human", "value": "what colour is the sky"}, {"from": "gpt", "value": "blue"}]}
+        records[i] = {"conversations": [{"from": "human", "value": "what colour is the sky"},
+                                        {"from": "gpt", "value": "blue"}]}
     data = write_data(work["root"] / "demo", records, "mixed.json")
     output_dir = str(tmp_path / "zero3")
     deepspeed_run(work, output_dir, ["--data", data, "--max-steps", "4", "--save-steps", "4",
@@ -936,7 +972,8 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
         target = (saved[-1] if saved else 0) + (1 if kills % 2 else rng.randint(1, 8))
         assert wait_for(lambda: f"step {target}/" in output.read_text() or process.poll() is not None, 180)
         if kills % 2:
-            kills_in_save += wait_for(lambda: temp_folders() - stale or process.poll() is not None, 60) and process.poll() is None
+            kills_in_save += wait_for(lambda: temp_folders() - stale or process.poll() is not None, 60) \
+                and process.poll() is None
         else:
             time.sleep(rng.uniform(0, 0.05))
         if process.poll() is not None:
@@ -954,13 +991,15 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
     assert vlm_checkpoint.checkpoint_steps(output_dir)[-1] == 48
     assert not glob.glob(os.path.join(output_dir, ".tmp*"))
     # the same steps and losses, bit for bit, as the run that was never interrupted
-    assert [(e["iter"], e.get("loss")) for e in read_log(output_dir)] == [(e["iter"], e.get("loss")) for e in read_log(reference)]
+    assert [(e["iter"], e.get("loss")) for e in read_log(output_dir)] \
+        == [(e["iter"], e.get("loss")) for e in read_log(reference)]
 
 
 def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
     output_dir = tmp_path / "out"
-    process = start_script("train_ds.py", *work["args"], "--use-lora", "--max-steps", "100000", "--save-steps", "100000",
-                           "--output-dir", output_dir, torchrun=2, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_script("train_ds.py", *work["args"], "--use-lora", "--max-steps", "100000",
+                           "--save-steps", "100000", "--output-dir", output_dir, torchrun=2,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         log_path = output_dir / "log.jsonl"
         assert wait_for(lambda: log_path.exists() and log_path.read_text().count("\n") >= 2, 180)

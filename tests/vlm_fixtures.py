@@ -24,7 +24,8 @@ WORDS = ("what colour is the shape what does the word say how many shapes are th
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -40,7 +41,8 @@ LLAVA_TEMPLATE = (  # the shape of llava-1.5-hf's template: a space after every 
 # the tiny Qwen2-VL every test uses; embed_dim 64 (merged width 256) makes the vision linears big
 # enough for every code path (bitsandbytes' blocks, LoRA)
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+                 num_key_value_heads=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
 TINY_VISION = dict(depth=2, embed_dim=64, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2)
 
@@ -71,7 +73,8 @@ def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     prefix = "Qwen2VL" if version == "2" else "Qwen2_5_VL"
-    config_class, model_class = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForConditionalGeneration")
+    config_class, model_class = getattr(transformers, prefix + "Config"), \
+        getattr(transformers, prefix + "ForConditionalGeneration")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     tokenizer = train_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -116,7 +119,8 @@ def write_llava(folder, weights=True):
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
