@@ -9,8 +9,7 @@ questions and answers: LoRA or QLoRA, on one GPU or many with DeepSpeed ZeRO.
 
 The heavy lifting is done by the model's own processor and chat template (transformers), peft,
 bitsandbytes and DeepSpeed. Our own code: reading and checking the data, masking the loss to the
-assistant's replies (both in vlm_data.py), and checkpoints that survive crashes and ZeRO-3. `--help`
-lists every flag.
+assistant's replies (vlm_data.py), checkpoints that survive crashes and ZeRO-3. `--help`: every flag.
 
 Labels: the loss is on the assistant's replies only, each with its end-of-turn token (the EOS
 token is appended where the template puts none, as LLaVA-1.5's: else the model never learns to
@@ -41,8 +40,7 @@ the step, saves and exits (with the deepspeed launcher, signal the training proc
 its children a few seconds after a signal). --resume continues with the same weights, optimizer,
 step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (tested). It refuses a
 checkpoint of another --model or of other trainable parts, and notes a changed data order (batch
-size, data, seed, process count). --trust-remote-code comes from the command line only, never from
-a checkpoint's run_args.json.
+size, data, seed, process count). --trust-remote-code is never read from a checkpoint's run_args.json.
 """
 
 
@@ -73,8 +71,18 @@ from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
 from runtime import barrier, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
 from training import catch_stop_signals, cosine_lr, init_wandb, log_metrics, stop_if_diverged  # noqa: E402
 from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, resume_path, save_checkpoint  # noqa: E402
-from vlm_data import (Batches, eval_indices, load_processor, measure_samples, measures_cache,  # noqa: E402
-                      read_samples, save_measures, synthetic_samples, train_indices)
+from vlm_data import (  # noqa: E402
+    Batches,
+    eval_indices,
+    load_processor,
+    measure_samples,
+    measures_cache,
+    read_samples,
+    save_measures,
+    synthetic_samples,
+    train_indices,
+)
+from vlm_eval import score, summary  # noqa: E402
 from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
 from vlm_settings import check_flags, deepspeed_config, parse_args  # noqa: E402
 
@@ -85,29 +93,35 @@ def check_args(args, zero3, dtype):
     check_flags(args)
     check_attention(args, dtype)
     if args.no_deepspeed and world_size() > 1:
-        raise UserError(f"--no-deepspeed runs one process, but the launcher started {world_size()}: drop --no-deepspeed "
-             "(DeepSpeed shares the work between them), or run python train_ds.py without a launcher")
+        raise UserError(f"--no-deepspeed runs one process, but the launcher started {world_size()}: drop "
+                        "--no-deepspeed (DeepSpeed shares the work between them), or run python train_ds.py without a "
+                        "launcher")
     if args.use_4bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("--use-4bit needs bitsandbytes: pip install bitsandbytes")
+    if args.eval_generate and zero3:  # one rank generating alone would wait forever for the others' weights
+        raise UserError("--eval-generate runs on rank 0 alone, which ZeRO-3's split weights cannot: use ZeRO-2 "
+                        "(ds_config.json), or score checkpoints afterwards with sample_vlm.py")
     if args.use_4bit and zero3 and not (args.bf16 or args.fp16):
         raise UserError("--use-4bit with ZeRO-3 works only when the 4-bit weights are stored in the training dtype: "
              "add --bf16 (or --fp16), or use ds_config.json (ZeRO-2)")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output-dir {args.output_dir} is a file, not a folder: choose another --output-dir")
     if not args.benchmark and checkpoint_steps(args.output_dir) and not args.resume:
-        raise UserError(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another --output-dir")
+        raise UserError(f"{args.output_dir} already holds checkpoints; pass --resume to continue, or another "
+                        "--output-dir")
 
 
 def check_attention(args, dtype):
-    flash_ready = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available() and dtype != torch.float32
+    flash_ready = (importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+                   and dtype != torch.float32)
     if args.attn_implementation is None:
         args.attn_implementation = "flash_attention_2" if flash_ready else "sdpa"
     elif args.attn_implementation == "flash_attention_2" and not flash_ready:
-        raise UserError("--attn-implementation flash_attention_2 needs a GPU, a 16-bit dtype (--bf16/--fp16) and the flash-attn "
-             "package (pip install flash-attn --no-build-isolation): use sdpa instead")
+        raise UserError("--attn-implementation flash_attention_2 needs a GPU, a 16-bit dtype (--bf16/--fp16) and the "
+                        "flash-attn package (pip install flash-attn --no-build-isolation): use sdpa instead")
 
 
 def choose_dtype(args):
@@ -122,7 +136,8 @@ def choose_dtype(args):
 
 def is_qwen(args):
     try:
-        return AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).model_type.startswith("qwen")
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        return config.model_type.startswith("qwen")
     except (OSError, ValueError):  # no readable config: load_processor says so in one line, later
         return False
 
@@ -143,7 +158,7 @@ def start_processes(ds_config):
         os.environ.update(added)
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
         one_line_errors()  # again: the process group's own hook prefixes every line of stderr with the rank
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device, added
@@ -185,7 +200,8 @@ class DeepSpeedEngine:
         return finite
 
     def save_state(self, folder, step, trainable_state):  # the optimizer (sharded per rank under ZeRO) and the step
-        self.forward.save_checkpoint(folder, tag="deepspeed", client_state={"step": step}, exclude_frozen_parameters=True)
+        self.forward.save_checkpoint(folder, tag="deepspeed", client_state={"step": step},
+                                     exclude_frozen_parameters=True)
 
     def load_state(self, folder):
         _, client_state = self.forward.load_checkpoint(folder, tag="deepspeed", load_module_strict=False)
@@ -251,7 +267,8 @@ def loader(samples, indices, order, data, args, device):
                                           sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                           prefetch_factor=4 if args.num_workers else None,
                                           generator=torch.Generator().manual_seed(args.seed),
-                                          worker_init_fn=functools.partial(start_worker, data.lock and data.lock.fileno()))
+                                          worker_init_fn=functools.partial(start_worker,
+                                                                           data.lock and data.lock.fileno()))
     for batch in batches:
         if "error" in batch:
             raise UserError(batch["error"])
@@ -403,16 +420,35 @@ def stop_if_nonfinite(args, done, in_a_row):
     say(f"step {done}: loss not finite, step skipped ({in_a_row} in a row)")
     saved = checkpoint_steps(args.output_dir)
     stop_if_diverged(in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
-                     "lower --learning-rate, or use --bf16 instead of --fp16", f"checkpoint-{saved[-1]}" if saved else None)
+                     "lower --learning-rate, or use --bf16 instead of --fp16",
+                     f"checkpoint-{saved[-1]}" if saved else None)
 
 
 def evaluate_and_save(run, engine, data, args, device, done, evaluate):
     """The eval set's loss (if there is one, and not when a signal asks us to stop), then a checkpoint."""
     if data.eval and evaluate:
-        val_loss = estimate_eval_loss(engine, data, args, device)
-        say(f"step {done} | eval loss {val_loss:.4f}")
-        log_metrics(run.path, run.wandb, {"iter": done, "val_loss": val_loss, "elapsed_s": round(time.time() - run.start, 3)})
+        record = {"iter": done, "val_loss": estimate_eval_loss(engine, data, args, device)}
+        if args.eval_generate:
+            record.update(generation_scores(engine, data, args, device))
+        say(f"step {done} | eval loss {record['val_loss']:.4f}" + (f" | exact match {record['eval_exact_match']:.4f} | "
+                                                               f"token F1 {record['eval_token_f1']:.4f}"
+                                                               if args.eval_generate else ""))
+        log_metrics(run.path, run.wandb, dict(record, elapsed_s=round(time.time() - run.start, 3)))
     save_checkpoint(done, engine, data.processor, args)
+
+
+def generation_scores(engine, data, args, device):
+    """The first --eval-generate eval records answered by generation on rank 0 (the others wait), scored
+    as sample_vlm.py scores them: exact match and token F1."""
+    scores = [0.0, 0.0]
+    if rank() == 0:
+        engine.model.eval()
+        with engine.autocast:
+            records = score(engine.model, data.processor, data.eval[:args.eval_generate], device, args.batch_size)
+        engine.model.train()
+        scores = list(summary(records))
+    scores = sum_over_ranks(scores, device)  # rank 0's, handed to all
+    return {"eval_exact_match": scores[0], "eval_token_f1": scores[1]}
 
 
 # -----------------------------------------------------------------------------
@@ -442,9 +478,11 @@ def report_benchmark(args, timings, dtype, device):
         flops = None
     peak = hardware.peak_flops(device)  # None on a CPU or an unknown GPU
     mfu = round(flops * samples_per_step / seconds / (world_size() * peak), 4) if flops and peak else "n/a"
-    result = {"bench": "vlm", "model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "world_size": world_size(), "use_lora": args.use_lora, "use_4bit": args.use_4bit,
-              "dtype": str(dtype).replace("torch.", ""), "samples_per_step": samples_per_step, "ms_per_step": 1000 * seconds,
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"bench": "vlm", "model": args.model, "device": device_name, "torch": torch.__version__,
+              "world_size": world_size(), "use_lora": args.use_lora, "use_4bit": args.use_4bit,
+              "dtype": str(dtype).replace("torch.", ""), "samples_per_step": samples_per_step,
+              "ms_per_step": 1000 * seconds,
               "samples_per_s": samples_per_step / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
               "peak_memory_gib": peak_memory_gib(device)}
     say(json.dumps(result))
@@ -456,7 +494,8 @@ def merge_lora(args):
     checkpoint = args.merge_lora.rstrip("/")
     run_args_path = os.path.join(checkpoint, "run_args.json")
     if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) or not os.path.isfile(run_args_path):
-        raise UserError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no adapter_config.json/run_args.json)")
+        raise UserError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no "
+                        "adapter_config.json/run_args.json)")
     try:
         with open(run_args_path, encoding="utf-8") as f:
             run = json.load(f)
@@ -466,7 +505,8 @@ def merge_lora(args):
         raise UserError(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
     output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another --output-dir")
+        raise UserError(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another "
+                        "--output-dir")
     remote_code = args.trust_remote_code  # from this command line only: a checkpoint's files never turn it on
     remove_dead_temps(output_dir)  # what a killed merge into the same folder left behind
     # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base

@@ -82,7 +82,8 @@ def save_checkpoint(step, engine, processor, args):
             engine.model.save_pretrained(tmp, state_dict=weights)
             processor.save_pretrained(tmp)
             with open(os.path.join(tmp, "run_args.json"), "w") as f:
-                json.dump(dict(vars(args), world_size=world_size()), f, indent=2)
+                json.dump(dict(vars(args), world_size=world_size(), model_type=engine.model.config.model_type), f,
+                          indent=2)
         engine.save_state(tmp, step, trainable)  # optimizer and step: DeepSpeed's files, or trainer_state.pt
         atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{rank()}.pt"))
     barrier()
@@ -131,14 +132,14 @@ def resume_path(args):
         raise UserError(f"--resume: {path} is not a checkpoint of train_ds.py (it has no readable run_args.json): "
              f"give a checkpoint-N folder")
     if not same_model(trained.get("model"), args.model):
-        raise UserError(f"--resume: {path} was trained from --model {trained.get('model')}, not {args.model}: resume with that "
-             "--model, or start a new run in another --output-dir")
+        raise UserError(f"--resume: {path} was trained from --model {trained.get('model')}, not {args.model}: "
+                        "resume with that --model, or start a new run in another --output-dir")
     now = dict(vars(args), world_size=world_size())
     for key in SAME_MODEL:
         if key in trained and trained[key] != now[key]:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"--resume: {path} was trained with {flag} {trained[key]}, this run has {now[key]}: resume with "
-                 "the flags it was trained with, or start a new run in another --output-dir")
+            raise UserError(f"--resume: {path} was trained with {flag} {trained[key]}, this run has {now[key]}: "
+                            "resume with the flags it was trained with, or start a new run in another --output-dir")
     for key in SAME_DATA_ORDER:
         if key in trained and trained[key] != now[key]:
             say(f"note: {key.replace('_', ' ')} {now[key]} where {path} had {trained[key]}: the samples from here on "
