@@ -191,3 +191,18 @@ def test_train_ds_deepspeed_zero2_on_the_gpu(tiny_qwen, tmp_path):
     log = read_log(tmp_path)
     print(f"ZeRO-2: losses {[round(e['loss'], 4) for e in log]}")
     assert len(log) == 6 and log[-1]['loss'] < log[0]['loss']
+
+
+def test_sample_vlm_answers_with_4bit_weights_on_the_gpu(tiny_qwen, tmp_path):
+    # a QLoRA checkpoint, asked through its 4-bit base: the answers come back and are scored
+    r = run_script('train_ds.py', *vlm_args(tiny_qwen), '--use-4bit', '--no-deepspeed',
+                   '--output-dir', tmp_path / 'run', timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    val = os.path.join(os.path.dirname(tiny_qwen[1]), 'val.jsonl')
+    r = run_script('sample_vlm.py', '--checkpoint', tmp_path / 'run' / 'checkpoint-6', '--data', val, '--use-4bit',
+                   '--max-new-tokens', '4', '--min-pixels', str(56 * 56), '--max-pixels', str(56 * 56),
+                   '--output', tmp_path / 'preds.jsonl', timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / 'preds.jsonl')]
+    print(f"sample_vlm.py --use-4bit: {r.stdout.strip().splitlines()[-2]}")
+    assert len(records) == 4 and '4 records: exact match' in r.stdout
