@@ -40,7 +40,7 @@ from configurator import UserError, check_ranges, settings
 models = ''  # comma-separated out_dirs of train.py, one class model each
 test = ''  # the test.jsonl of data/prepare_classes.py
 labels = ''  # its labels.json (default: beside test)
-checkpoint_name = 'ckpt.pt'  # or best.pt
+checkpoint_name = 'best.pt'  # the best-val model; ckpt.pt (the latest) where a run saved no best.pt
 batch_size = 8  # windows scored at once
 stride = 0  # tokens a window moves on for long documents (0: block_size // 2)
 limit = 0  # score the first N test documents only (0: all)
@@ -98,10 +98,17 @@ def read_test(path):
     return documents
 
 
+def checkpoint_of(out_dir):
+    """out_dir's checkpoint_name; its ckpt.pt when that is best.pt and the run saved none (train.py writes
+    best.pt at an eval that improved on the ones before it, so a run cut short may have only ckpt.pt)."""
+    path, latest = os.path.join(out_dir, checkpoint_name), os.path.join(out_dir, 'ckpt.pt')
+    return latest if checkpoint_name == 'best.pt' and not os.path.exists(path) and os.path.exists(latest) else path
+
+
 def class_of(out_dir):
     """What a class model's checkpoint says, read before any model is built: (its class, its
     vocabulary (None: GPT-2's BPE), its block_size)."""
-    path = os.path.join(out_dir, checkpoint_name)
+    path = checkpoint_of(out_dir)
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train that class first (see the header of classify.py)")
     checkpoint = gpt_checkpoint.load_checkpoint(path, ('model', 'model_args'), mmap=True)
@@ -239,7 +246,7 @@ if __name__ == '__main__':  # importing this file (the tests do) runs nothing
     started = time.time()
     model = None
     for out_dir, c in zip(model_dirs, model_classes):
-        path = os.path.join(out_dir, checkpoint_name)  # LoRA models on one base share the previous one's
+        path = checkpoint_of(out_dir)  # LoRA models on one base share the previous one's
         model = gpt_checkpoint.load_gpt(path, "train that class first (see the header of classify.py)", reuse=model)[0]
         model.eval().to(device)
         print(f"scoring {len(texts):,} documents under {out_dir} (class {classes['names'][c]})")

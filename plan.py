@@ -295,6 +295,7 @@ def pick_gpus(name):
     planned = [key for key, (_, peak, _) in hardware.GPUS.items() if peak]  # time needs a published peak
     if name is None:
         return planned
+    name = name.replace("_", " ")  # --gpu=A100_40GB in every mode, as the error below says
     key = hardware.match_gpu(name) or (name if name in hardware.GPUS else None)
     if key is None:
         raise UserError(f"unknown GPU '{name}': use one of {', '.join(planned)} (spaces as _ in --gpu=)")

@@ -29,6 +29,7 @@ import torch
 from configurator import UserError, check_ranges, one_line_errors
 from files import check_output_file, write_output_file
 from runtime import resolve_device, resolve_dtype
+from vlm_checkpoint import newest_checkpoint
 from vlm_data import load_processor, read_samples
 from vlm_eval import score, summary
 from vlm_model import from_pretrained
@@ -92,7 +93,10 @@ def run_of(checkpoint):
 
 
 def load(args, device):
-    """(model, processor): an adapter on its base, or a whole model; in eval mode on device."""
+    """(model, processor): an adapter on its base, or a whole model; in eval mode on device. An --output-dir
+    of train_ds.py stands for its newest checkpoint."""
+    if not any(os.path.isfile(os.path.join(args.checkpoint, name)) for name in ("adapter_config.json", "config.json")):
+        args.checkpoint = newest_checkpoint(args.checkpoint) or args.checkpoint
     adapter = os.path.isfile(os.path.join(args.checkpoint, "adapter_config.json"))
     run = run_of(args.checkpoint)
     base = args.base or run.get("model")

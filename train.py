@@ -36,7 +36,7 @@ import runtime
 import training
 from configurator import UserError, settings
 from gpt_settings import check_train_settings
-from model import GPT, GPTConfig
+from model import GPT, PRETRAINED, GPTConfig
 
 # -----------------------------------------------------------------------------
 # default config values, designed to train a GPT-2 (124M) on OpenWebText (as nanoGPT)
@@ -175,7 +175,7 @@ elif init_from == 'resume':
     gpt_checkpoint.adopt_shape(checkpoint, ckpt_path, config, explicit_keys, model_args)  # and its LoRA settings
     block_size = model_args['block_size']  # the checkpoint's, unless given
 else:
-    say(f"Initializing from OpenAI GPT-2 weights: {init_from}")
+    say(f"Initializing from {'OpenAI GPT-2 weights' if init_from in PRETRAINED else 'a local folder'}: {init_from}")
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
     except ValueError as e:

@@ -66,11 +66,18 @@ from transformers import AutoConfig  # noqa: E402
 
 import hardware  # noqa: E402
 from configurator import UserError, one_line_errors  # noqa: E402
-from files import atomic_torch_save, disk_write, remove_dead_temps, temp_path, trim_jsonl  # noqa: E402
+from files import atomic_torch_save, disk_write, trim_jsonl  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
-from runtime import barrier, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
+from runtime import autocast, barrier, peak_memory_gib, rank, resolve_dtype, say, share_cpu_cores, world_size  # noqa: E402
 from training import catch_stop_signals, cosine_lr, init_wandb, log_metrics, stop_if_diverged  # noqa: E402
-from vlm_checkpoint import checkpoint_steps, claim_output_dir, resume_checkpoint, resume_path, save_checkpoint  # noqa: E402
+from vlm_checkpoint import (  # noqa: E402
+    checkpoint_steps,
+    claim_output_dir,
+    merge_lora,
+    resume_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
 from vlm_data import (  # noqa: E402
     Batches,
     eval_indices,
@@ -83,7 +90,7 @@ from vlm_data import (  # noqa: E402
     train_indices,
 )
 from vlm_eval import score, summary  # noqa: E402
-from vlm_model import from_pretrained, load_model, param_groups  # noqa: E402
+from vlm_model import load_model, param_groups  # noqa: E402
 from vlm_settings import check_flags, deepspeed_config, parse_args  # noqa: E402
 
 
@@ -161,6 +168,8 @@ def start_processes(ds_config):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        share_cpu_cores()
     return device, added
 
 
@@ -225,7 +234,7 @@ class PlainEngine:
         self.scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
         self.model = self.forward = model
         self.peak_lrs, self.grad_clip = [g["peak_lr"] for g in groups], args.grad_clip
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.autocast = autocast(device.type, dtype)
 
     def backward(self, loss):  # the loss is already this micro-batch's share of the step's mean
         self.scaler.scale(loss).backward()
@@ -452,7 +461,7 @@ def generation_scores(engine, data, args, device):
 
 
 # -----------------------------------------------------------------------------
-# other jobs: --benchmark (training on synthetic samples, timed) and --merge-lora
+# --benchmark: training on synthetic samples, timed (--merge-lora: vlm_checkpoint.merge_lora)
 
 def benchmark_samples(args):
     count = args.batch_size * args.gradient_accumulation_steps * world_size() * (args.max_steps or 10)
@@ -486,43 +495,6 @@ def report_benchmark(args, timings, dtype, device):
               "samples_per_s": samples_per_step / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
               "peak_memory_gib": peak_memory_gib(device)}
     say(json.dumps(result))
-
-
-def merge_lora(args):
-    """Adapter checkpoint -> one plain model (base weights + LoRA deltas) for from_pretrained."""
-    from peft import PeftModel
-    checkpoint = args.merge_lora.rstrip("/")
-    run_args_path = os.path.join(checkpoint, "run_args.json")
-    if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) or not os.path.isfile(run_args_path):
-        raise UserError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no "
-                        "adapter_config.json/run_args.json)")
-    try:
-        with open(run_args_path, encoding="utf-8") as f:
-            run = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise UserError(f"--merge-lora: cannot read {run_args_path} ({e}): it is not a checkpoint of train_ds.py")
-    if not isinstance(run, dict) or not isinstance(run.get("model"), str):
-        raise UserError(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
-    output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another "
-                        "--output-dir")
-    remote_code = args.trust_remote_code  # from this command line only: a checkpoint's files never turn it on
-    remove_dead_temps(output_dir)  # what a killed merge into the same folder left behind
-    # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
-    # model's own dtype (its config's), so the merged model is as large as the base, not fp32
-    dtype = choose_dtype(args) if args.bf16 or args.fp16 or args.fp32 else "auto"
-    model = from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
-    model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
-    tmp = temp_path(output_dir)  # this process's own name (its pid): a folder of the user's is never touched
-    with disk_write(f"the merged model {output_dir}", os.path.dirname(os.path.abspath(output_dir)),
-                    then="free disk space and merge again", partial=tmp):
-        model.save_pretrained(tmp)
-        load_processor(checkpoint, remote_code, run.get("min_pixels"), run.get("max_pixels")).save_pretrained(tmp)
-        if os.path.exists(output_dir):
-            os.rmdir(output_dir)  # empty, checked above
-        os.replace(tmp, output_dir)
-    print(f"merged {checkpoint} into {run['model']} and wrote {output_dir}")
 
 
 # -----------------------------------------------------------------------------

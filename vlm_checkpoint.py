@@ -12,9 +12,19 @@ import shutil
 import torch
 
 from configurator import UserError
-from files import atomic_torch_save, disk_write, fsync_dir, lock_folder, remove_stale_temps
+from files import (
+    atomic_torch_save,
+    disk_write,
+    fsync_dir,
+    lock_folder,
+    remove_dead_temps,
+    remove_stale_temps,
+    temp_path,
+)
 from runtime import barrier, rank, say, world_size
 from training import get_rng_state, set_rng_state
+from vlm_data import load_processor
+from vlm_model import from_pretrained
 
 
 def gathered_state_dict(model, trainable_only):
@@ -31,6 +41,12 @@ def gathered_state_dict(model, trainable_only):
         else:
             state[name] = param.detach().cpu().clone()
     return state
+
+
+def newest_checkpoint(folder):
+    """folder's checkpoint-N with the largest N, or None."""
+    steps = checkpoint_steps(folder)
+    return os.path.join(folder, f"checkpoint-{steps[-1]}") if steps else None
 
 
 def checkpoint_steps(folder):
@@ -114,13 +130,9 @@ SAME_DATA_ORDER = ("data", "batch_size", "gradient_accumulation_steps", "world_s
 def resume_path(args):
     """The checkpoint --resume names (or the newest in --output-dir), checked against this run's flags
     before anything slow: another model or other trainable parts are refused, another data order noted."""
-    if args.resume == "latest":
-        steps = checkpoint_steps(args.output_dir)
-        if not steps:
-            raise UserError(f"--resume: no checkpoint-* folder in {args.output_dir}")
-        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
-    else:
-        path = args.resume
+    path = newest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    if path is None:
+        raise UserError(f"--resume: no checkpoint-* folder in {args.output_dir}")
     if not os.path.isdir(path):
         raise UserError(f"--resume: checkpoint {path} not found")
     try:
@@ -169,3 +181,45 @@ def resume_checkpoint(path, engine):
         say(f"warning: {path} has no RNG state for rank {rank()}; dropout will differ from an unbroken run")
     say(f"resumed from {path} at step {step}")
     return step
+
+
+# -----------------------------------------------------------------------------
+# --merge-lora: an adapter checkpoint as one plain model
+
+def merge_lora(args):
+    """Adapter checkpoint -> one plain model (base weights + LoRA deltas) for from_pretrained."""
+    from peft import PeftModel
+    checkpoint = args.merge_lora.rstrip("/")
+    if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):  # an --output-dir: its newest, as --resume
+        checkpoint = newest_checkpoint(checkpoint) or checkpoint
+    run_args_path = os.path.join(checkpoint, "run_args.json")
+    if not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) or not os.path.isfile(run_args_path):
+        raise UserError(f"--merge-lora: {checkpoint} is not a LoRA checkpoint of train_ds.py (no "
+                        "adapter_config.json/run_args.json)")
+    try:
+        with open(run_args_path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"--merge-lora: cannot read {run_args_path} ({e}): it is not a checkpoint of train_ds.py")
+    if not isinstance(run, dict) or not isinstance(run.get("model"), str):
+        raise UserError(f"--merge-lora: {run_args_path} names no base model: it is not a checkpoint of train_ds.py")
+    output_dir = (args.output_dir or checkpoint + "-merged").rstrip("/")
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise UserError(f"--merge-lora: {output_dir} already exists and is not an empty folder; pass another "
+                        "--output-dir")
+    remote_code = args.trust_remote_code  # from this command line only: a checkpoint's files never turn it on
+    remove_dead_temps(output_dir)  # what a killed merge into the same folder left behind
+    # full precision weights, never 4-bit (merging into nf4 would lose the delta); by default the base
+    # model's own dtype (its config's), so the merged model is as large as the base, not fp32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32 if args.fp32 else "auto"
+    model = from_pretrained(run["model"], dtype=dtype, trust_remote_code=remote_code)
+    model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload()
+    tmp = temp_path(output_dir)  # this process's own name (its pid): a folder of the user's is never touched
+    with disk_write(f"the merged model {output_dir}", os.path.dirname(os.path.abspath(output_dir)),
+                    then="free disk space and merge again", partial=tmp):
+        model.save_pretrained(tmp)
+        load_processor(checkpoint, remote_code, run.get("min_pixels"), run.get("max_pixels")).save_pretrained(tmp)
+        if os.path.exists(output_dir):
+            os.rmdir(output_dir)  # empty, checked above
+        os.replace(tmp, output_dir)
+    print(f"merged {checkpoint} into {run['model']} and wrote {output_dir}")

@@ -24,7 +24,7 @@ min_lr = 3e-6
 warmup_iters = 100
 dropout = 0.1
 
-# early stopping on val; ckpt.pt is the best-val model, the one classify.py reads
+# early stopping on val; best.pt is the best-val model, the one classify.py reads
 eval_interval = 100
 eval_iters = 50
 patience = 5

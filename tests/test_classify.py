@@ -251,3 +251,23 @@ def test_char_level_class_models_score_each_document_in_their_characters(tmp_pat
     assert len(predictions) == 4 and abs(predictions[0]["scores"]["ab"] - expected) < 1e-4
     assert run_inline("classify.py", *args)[1].endswith("--overwrite=True to replace it")
     assert run_inline("classify.py", *args, "--overwrite=True") == (0, "")
+
+
+def test_classify_reads_each_runs_best_val_checkpoint_not_its_latest(corpus, tmp_path):
+    # an interrupted run: ckpt.pt is the latest model, best.pt the best one; here the latest claims the wrong class
+    data = corpus / "data"
+    folders = json.loads((data / "labels.json").read_text())["folders"]
+    for folder in folders:
+        tiny_class_model(tmp_path / folder, data / folders[0])  # ckpt.pt: every latest one claims the first class
+        os.replace(tmp_path / folder / "ckpt.pt", tmp_path / folder / "latest.pt")
+        tiny_class_model(tmp_path / folder, data / folder)
+        os.replace(tmp_path / folder / "ckpt.pt", tmp_path / folder / "best.pt")
+        os.replace(tmp_path / folder / "latest.pt", tmp_path / folder / "ckpt.pt")
+    args = [f"--models={','.join(str(tmp_path / f) for f in folders)}", f"--test={data / 'test.jsonl'}", "--device=cpu",
+            "--limit=3"]
+    assert run_inline("classify.py", *args) == (0, "")
+    assert_one_line_error(run_inline("classify.py", *args, "--checkpoint_name=ckpt.pt", "--overwrite=True"),
+                          "two models for class")  # the latest ones would have been wrong
+    for folder in folders:  # a run that saved no best.pt: its ckpt.pt
+        os.remove(tmp_path / folder / "best.pt")
+    assert_one_line_error(run_inline("classify.py", *args, "--overwrite=True"), "two models for class")

@@ -358,3 +358,11 @@ def test_shared_code_and_training_do_not_import_the_planner(script):
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"plan", "train", "train_ds"}
+
+
+def test_gpu_names_take_underscores_for_spaces_in_both_modes(capsys):
+    plan.plan([os.path.join(REPO, "config/finetune_gpt2_medium.py"), "--gpu=A100_40GB", "--gpus=1"])
+    gpt = capsys.readouterr().out
+    plan.plan(["--vlm", "--use-lora", "--gpu=A100_40GB", "--gpus=1"])
+    vlm = capsys.readouterr().out
+    assert "| A100 40GB |" in gpt and "| A100 40GB |" in vlm

@@ -591,7 +591,8 @@ def test_merging_never_trusts_remote_code_because_a_checkpoint_says_so(work, lor
     run_args = json.loads((checkpoint / "run_args.json").read_text())
     (checkpoint / "run_args.json").write_text(json.dumps(dict(run_args, trust_remote_code=True)))
     asked = []
-    monkeypatch.setattr(train_ds, "from_pretrained", lambda path, **kwargs: asked.append(kwargs) or sys.exit("stop"))
+    monkeypatch.setattr(vlm_checkpoint, "from_pretrained",
+                        lambda path, **kwargs: asked.append(kwargs) or sys.exit("stop"))
     with pytest.raises(SystemExit):
         train_ds.main(["--merge-lora", str(checkpoint)])
     assert asked[0]["trust_remote_code"] is False
@@ -675,6 +676,12 @@ def test_grad_clip_0_means_no_clipping_and_trains(work, tmp_path):
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     # they start at zero: a clip to norm 0 would keep them there
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+
+
+def test_merging_an_output_dir_merges_its_newest_checkpoint(lora_run, tmp_path, capsys):
+    _, output_dir = lora_run
+    train_ds.main(["--merge-lora", output_dir, "--output-dir", str(tmp_path / "merged")])
+    assert f"merged {os.path.join(output_dir, 'checkpoint-8')} into" in capsys.readouterr().out
 
 
 def test_merged_model_loads_and_matches_adapter_logits(work, lora_run):
