@@ -72,7 +72,9 @@ def test_prepare_classes_bad_input_is_one_line(corpus, tmp_path):
     source = corpus / "corpus.csv"
     cases = {("--text", "body"): "--text body: no such column (the columns are sentence, category)",
              ("--labels", "verse,numbers"): "label 'esrev' is not one of the classes (verse, numbers)",
-             ("--labels", "verse,numbers,esrev,prose"): "class 'prose' has 0 training document(s)"}
+             ("--labels", "verse,numbers,esrev,prose"): "class 'prose' has 0 training document(s)",
+             ("--test", str(tmp_path / "nowhere.csv")): "--test " + str(tmp_path / "nowhere.csv") + " not found",
+             ("--block-size", "0"): "--block-size must be at least 1, got 0"}
     for flags, expected in cases.items():
         code, message = run_inline("data/prepare_classes.py", source, "--out-dir", tmp_path / "out", *flags)
         assert_one_line_error((code, message), expected)
@@ -271,3 +273,20 @@ def test_classify_reads_each_runs_best_val_checkpoint_not_its_latest(corpus, tmp
     for folder in folders:  # a run that saved no best.pt: its ckpt.pt
         os.remove(tmp_path / folder / "best.pt")
     assert_one_line_error(run_inline("classify.py", *args, "--overwrite=True"), "two models for class")
+
+
+def test_prepare_classes_takes_a_test_file_and_gives_every_val_split_a_block(corpus, tmp_path, capsys):
+    import prepare_classes
+    rows = [{"text": f"document {i} of class {label} " * 3, "label": label} for i in range(40) for label in "ab"]
+    source, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    test.write_text("".join(json.dumps({"text": f"held out {label}", "label": label}) + "\n" for label in "abba"))
+    prepare_classes.prepare(str(source), str(tmp_path / "out"), test_file=str(test), block_size=64)
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert labels["train_counts"] == [40, 40]  # every row trains: the test documents are --test's
+    assert [json.loads(line)["text"] for line in open(tmp_path / "out" / "test.jsonl")] == \
+        ["held out a", "held out b", "held out b", "held out a"]
+    for folder in labels["folders"]:  # 5% of 40 documents is 2, about 40 tokens: grown to a block + 1
+        assert np.fromfile(tmp_path / "out" / folder / "val.bin", dtype=np.uint16).size >= 65
+    prepare_classes.prepare(str(source), str(tmp_path / "big"), test_file=str(test), block_size=4096)
+    assert "fewer than --block-size 4096 + 1: train it with --block_size=" in capsys.readouterr().out
