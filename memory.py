@@ -136,16 +136,25 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
 
 
 # -----------------------------------------------------------------------------
-# Qwen2-VL-style models (train_ds.py): LoRA, QLoRA or full finetuning, with or without ZeRO
+# Qwen2-VL-style and LLaVA models (train_ds.py): LoRA, QLoRA or full finetuning, with or without ZeRO
 
 # Qwen2-VL-2B-Instruct's architecture: the default --model, planned offline without its config.json
 QWEN2_VL_2B = dict(
+    kind="qwen2_vl",
     text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
               num_key_value_heads=2, vocab_size=151936),
     vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                 temporal_patch_size=2, in_chans=3),
     tie_word_embeddings=True)
-BUILTIN_MODELS = {"Qwen/Qwen2-VL-2B-Instruct": QWEN2_VL_2B, "Qwen/Qwen2-VL-2B": QWEN2_VL_2B}
+# LLaVA-1.5 as llava-hf's folders hold it: CLIP ViT-L/14 at 336 pixels (576 image tokens, whatever the
+# image), a 2-layer MLP projector and a LLaMA-2 (Vicuna) language model with a 32,064-token vocabulary
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, image_size=336, patch_size=14)
+LLAVA_15 = {size: dict(kind="llava", vision=CLIP_L_336, tie_word_embeddings=False,
+                       text=dict(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
+                                 num_key_value_heads=a, vocab_size=32064))
+            for size, (h, i, n, a) in {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}.items()}
+BUILTIN_MODELS = {"Qwen/Qwen2-VL-2B-Instruct": QWEN2_VL_2B, "Qwen/Qwen2-VL-2B": QWEN2_VL_2B,
+                  "llava-hf/llava-1.5-7b-hf": LLAVA_15["7b"], "llava-hf/llava-1.5-13b-hf": LLAVA_15["13b"]}
 
 
 def vlm_arch(model, model_config=None):
@@ -165,15 +174,33 @@ def vlm_arch(model, model_config=None):
             raise ValueError(f"no architecture for --model {model}: pass a local model folder (with config.json) "
                              f"or one of {', '.join(BUILTIN_MODELS)}")
         return BUILTIN_MODELS[model]
+    if config.get("model_type") == "llava":
+        return llava_arch(model, config)
     text = config.get("text_config") or config  # transformers 5 nests the text sizes; older files do not
     vision = config.get("vision_config") or {}
     keys = QWEN2_VL_2B["text"]
     if "depth" not in vision or not all(isinstance(text.get(k), int) for k in keys):
-        raise ValueError(f"{model}: only Qwen2-VL-style models (vision_config with depth, embed_dim) are planned")
+        raise ValueError(f"{model}: only Qwen2-VL-style and LLaVA models are planned")
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return dict(text={k: text[k] for k in keys},
+    return dict(kind="qwen2_vl", text={k: text[k] for k in keys},
                 vision={k: vision.get(k, QWEN2_VL_2B["vision"][k]) for k in QWEN2_VL_2B["vision"]},
                 tie_word_embeddings=tied)
+
+
+def llava_arch(model, config):
+    """A LLaVA config's sizes; the defaults a partial config.json leaves to transformers filled in."""
+    from transformers import LlavaConfig
+    try:
+        full = LlavaConfig(**{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+    except Exception as e:  # a config transformers cannot read
+        raise ValueError(f"{model}: not a LLaVA config transformers can read ({type(e).__name__})") from None
+    text, vision = full["text_config"], full["vision_config"]
+    sizes = dict({k: text.get(k) for k in QWEN2_VL_2B["text"]})
+    sizes["num_key_value_heads"] = sizes["num_key_value_heads"] or sizes["num_attention_heads"]
+    if text.get("model_type") != "llama" or vision.get("model_type") != "clip_vision_model":
+        raise ValueError(f"{model}: only LLaVA with a Llama language model and a CLIP vision tower is planned")
+    return dict(kind="llava", text=sizes, vision={k: vision[k] for k in CLIP_L_336},
+                tie_word_embeddings=full.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
 
 
 def kv_width(text):
@@ -183,32 +210,65 @@ def kv_width(text):
 
 def vlm_params(arch):
     """Parameter counts by group: LM linear weights (quantized by 4-bit, LoRA's targets), other LM
-    tensors (embeddings, norms, biases), lm_head, the vision tower; and the LM linear shapes."""
-    text, vision = arch["text"], arch["vision"]
+    tensors (embeddings, norms, biases), lm_head, the vision tower and projector; and the LM linear shapes."""
+    text = arch["text"]
     hidden, intermediate, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     kv = kv_width(text)
     # per layer: q k v o, then the MLP's gate up down
     linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
                (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)] * layers
-    embed, mlp = vision["embed_dim"], int(vision["embed_dim"] * vision["mlp_ratio"])
-    merged = vision["spatial_merge_size"] ** 2 * vision["embed_dim"]  # a 2x2 patch group, concatenated
-    vision_block = (4 * embed  # two LayerNorms, weight and bias
-                    + 3 * embed * embed + 3 * embed + embed * embed + embed  # qkv and proj
-                    + 2 * embed * mlp + mlp + embed)  # fc1 and fc2
-    patch_embed = vision["in_chans"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2 * embed  # no bias
-    merger = 2 * embed + merged * merged + merged + merged * hidden + hidden  # LayerNorm, then two linears into the LM
-    qkv_biases = layers * (hidden + 2 * kv)
+    tower, projector, vision_linears = (llava_vision if arch["kind"] == "llava" else qwen_vision)(arch)
+    qkv_biases = layers * (hidden + 2 * kv) if arch["kind"] == "qwen2_vl" else 0  # Qwen2's q, k, v have biases
     vocab_by_hidden = text["vocab_size"] * hidden
     norms = layers * 2 * hidden + hidden  # two RMSNorms a layer, and the final one
     return dict(linears=linears, lm_linear=sum(a * b for a, b in linears), lm_bias=qkv_biases,
                 lm_other=vocab_by_hidden + qkv_biases + norms,  # embeddings, biases, norms
                 lm_head=0 if arch["tie_word_embeddings"] else vocab_by_hidden,
-                vision=patch_embed + vision["depth"] * vision_block + merger,
+                vision=sum(tower) + sum(projector),
                 # tensor by tensor, for a part that trains (AdamW keeps a step count per tensor)
-                merger=[embed, embed, merged * merged, merged, merged * hidden, hidden],
-                tower=[patch_embed] + [embed, embed, embed, embed, 3 * embed * embed, 3 * embed, embed * embed, embed,
-                                       embed * mlp, mlp, mlp * embed, embed] * vision["depth"],
-                vision_linears=[(embed, 3 * embed), (embed, embed), (embed, mlp), (mlp, embed)] * vision["depth"])
+                merger=projector, tower=tower, vision_linears=vision_linears)
+
+
+def qwen_vision(arch):
+    """Qwen2-VL's vision tower tensor by tensor, its merger (the projector) and the tower's linear shapes."""
+    vision, hidden = arch["vision"], arch["text"]["hidden_size"]
+    embed, mlp = vision["embed_dim"], int(vision["embed_dim"] * vision["mlp_ratio"])
+    merged = vision["spatial_merge_size"] ** 2 * vision["embed_dim"]  # a 2x2 patch group, concatenated
+    patch_embed = vision["in_chans"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2 * embed  # no bias
+    # a block: two LayerNorms (weight, bias), qkv and proj, fc1 and fc2
+    block = [embed, embed, embed, embed, 3 * embed * embed, 3 * embed, embed * embed, embed, embed * mlp, mlp,
+             mlp * embed, embed]
+    merger = [embed, embed, merged * merged, merged, merged * hidden, hidden]  # LayerNorm, two linears into the LM
+    return ([patch_embed] + block * vision["depth"], merger,
+            [(embed, 3 * embed), (embed, embed), (embed, mlp), (mlp, embed)] * vision["depth"])
+
+
+def llava_vision(arch):
+    """LLaVA's CLIP tower tensor by tensor, its 2-layer MLP projector and the tower's linear shapes."""
+    vision, hidden = arch["vision"], arch["text"]["hidden_size"]
+    embed, mlp, patches = vision["hidden_size"], vision["intermediate_size"], llava_patches(arch)
+    # class embedding, patch conv (no bias), positions (the class token's too), pre-LayerNorm; post-LayerNorm last
+    embeddings = [embed, 3 * vision["patch_size"] ** 2 * embed, patches * embed, embed, embed]
+    block = [embed, embed] + [embed * embed, embed] * 4 + [embed, embed, embed * mlp, mlp, mlp * embed, embed]
+    projector = [embed * hidden, hidden, hidden * hidden, hidden]
+    depth = vision["num_hidden_layers"]
+    return (embeddings + block * depth + [embed, embed], projector,
+            ([(embed, embed)] * 4 + [(embed, mlp), (mlp, embed)]) * depth)
+
+
+def llava_patches(arch):
+    """Positions CLIP runs on per image: its fixed grid and the class token (576 + 1 at 336 pixels)."""
+    return (arch["vision"]["image_size"] // arch["vision"]["patch_size"]) ** 2 + 1
+
+
+def vision_shape(arch, max_pixels):
+    """(blocks, width, MLP width, positions per image) of the vision tower: Qwen2-VL's follow the pixel
+    budget, LLaVA's CLIP runs on a fixed grid."""
+    vision = arch["vision"]
+    if arch["kind"] == "llava":
+        return vision["num_hidden_layers"], vision["hidden_size"], vision["intermediate_size"], llava_patches(arch)
+    return (vision["depth"], vision["embed_dim"], int(vision["embed_dim"] * vision["mlp_ratio"]),
+            max_pixels // vision["patch_size"] ** 2)
 
 
 def zero_settings(ds_config):
@@ -228,7 +288,7 @@ def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_l
     None without DeepSpeed; weight_bytes: 2 for bf16/fp16 (the default on GPUs), 4 for --fp32. The
     activations are the language model's: a vision tower that trains adds its own, not counted."""
     params = vlm_params(arch)
-    text, vision = arch["text"], arch["vision"]
+    text = arch["text"]
     hidden, intermediate, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     wide = weight_bytes
     # trainable tensors: LoRA's A and B per linear, or (full finetune) every LM tensor; the vision side
@@ -281,8 +341,8 @@ def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_l
     else:
         activations = tokens * layers * per_layer
     # the frozen vision tower runs without autograd: only one block's working set at a time
-    patches = batch_size * max_pixels // (vision["patch_size"] ** 2)
-    vision_work = patches * wide * (4 * vision["embed_dim"] + 2 * int(vision["embed_dim"] * vision["mlp_ratio"]))
+    _, embed, vision_mlp, positions = vision_shape(arch, max_pixels)
+    vision_work = batch_size * positions * wide * (4 * embed + 2 * vision_mlp)
     logits = tokens * text["vocab_size"] * (wide + 12)  # 16-bit logits, then three fp32 (B,T,V) buffers in the loss
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "DeepSpeed buffers": buffers,
             "activations": activations, "vision forward": vision_work, "logits + loss": logits}
@@ -291,7 +351,7 @@ def vlm_memory(arch, world_size, zero, batch_size, max_length, max_pixels, use_l
 def vlm_flops_per_sample(arch, max_length, max_pixels, use_lora, gradient_checkpointing):
     """FLOPs one sample executes: LM forward + backward (input gradients only with LoRA), one more
     forward when checkpointing, and the frozen vision tower's forward (no backward)."""
-    params, text, vision = vlm_params(arch), arch["text"], arch["vision"]
+    params, text = vlm_params(arch), arch["text"]
     tokens, hidden, layers = max_length, text["hidden_size"], text["num_hidden_layers"]
     matmul = params["lm_linear"] + text["vocab_size"] * hidden  # lm_head is a matmul even when tied
     # attention counted non-causal, as nanoGPT's 12*L*C*T
@@ -299,8 +359,8 @@ def vlm_flops_per_sample(arch, max_length, max_pixels, use_lora, gradient_checkp
     # backward: input gradients (as much as the forward) plus weight gradients, which LoRA skips
     backward = 2 * forward if not use_lora else tokens * (2 * matmul + 8 * layers * hidden * tokens)
     recompute = forward if gradient_checkpointing else 0
-    patches, embed = max_pixels // (vision["patch_size"] ** 2), vision["embed_dim"]
-    vision_forward = 2 * params["vision"] * patches + 4 * vision["depth"] * embed * patches * patches
+    depth, embed, _, patches = vision_shape(arch, max_pixels)
+    vision_forward = 2 * params["vision"] * patches + 4 * depth * embed * patches * patches
     return forward + backward + recompute + vision_forward
 
 
@@ -348,7 +408,7 @@ def vlm_start_line(args, world_size, device, ds_config=None, model_config=None):
     flags = args if isinstance(args, dict) else vars(args)
     try:
         arch = vlm_arch(flags["model"], model_config)
-    except ValueError as e:  # a model we cannot size (not Qwen2-VL-like) must not stop training
+    except ValueError as e:  # a model we cannot size (neither Qwen2-VL-like nor LLaVA) must not stop training
         return f"plan: no estimate ({e})"
     zero = zero_settings(ds_config) if ds_config is not None else None
     memory = vlm_memory(arch, world_size, zero, **vlm_step(flags))

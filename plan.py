@@ -37,6 +37,7 @@ from memory import (
     gpt_lora_settings,
     gpt_memory,
     gpt_params,
+    llava_patches,
     needed_bytes,
     vlm_arch,
     vlm_flops_per_sample,
@@ -67,6 +68,15 @@ DOCS_RUNS = [  # (title, plan.py's arguments) for the tables of docs/PLANNING.md
     ("Qwen2-VL-2B LoRA bf16, 448x448 image + text, 512 tokens",
      "--vlm --use-lora --batch-size 1 --gradient-accumulation-steps 8 --max-length 512 --max-pixels 200704 "
      "--max-steps 1000 --gpus 1"),
+    ("LLaVA-1.5-13B QLoRA, 336x336 image (576 tokens) + text, 1024 tokens",
+     "--vlm --model llava-hf/llava-1.5-13b-hf --use-4bit --use-lora --batch-size 1 --gradient-accumulation-steps 8 "
+     "--max-length 1024 --max-steps 1000 --gpus 1"),
+    ("LLaVA-1.5-13B LoRA bf16, 336x336 image (576 tokens) + text, 1024 tokens",
+     "--vlm --model llava-hf/llava-1.5-13b-hf --use-lora --batch-size 1 --gradient-accumulation-steps 8 "
+     "--max-length 1024 --max-steps 1000 --gpus 2"),
+    ("LLaVA-1.5-13B full finetune (ZeRO-3 where it must), 336x336 image + text, 1024 tokens",
+     "--vlm --model llava-hf/llava-1.5-13b-hf --batch-size 1 --gradient-accumulation-steps 8 "
+     "--max-length 1024 --max-steps 1000 --gpus 8"),
 ]
 DOCS_GPUS = ["T4", "V100", "RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5060 Ti", "RTX 5070", "RTX 5080",
              "RTX 5090", "A6000", "L4", "A100 40GB", "A100 80GB", "H100", "H200"]
@@ -215,10 +225,13 @@ def vlm_run(args):
     mode = "no DeepSpeed" if zero is None else \
         f"DeepSpeed ZeRO-{zero['stage']}" + (" + CPU offload" if zero["offload_optimizer"] else "")
     method = f"{'4-bit ' if args.use_4bit else ''}{'LoRA' if args.use_lora else 'full finetune'}"
+    side = arch["vision"].get("image_size")  # LLaVA's CLIP: one fixed size, whatever --max-pixels says
+    image = f"{side}x{side} pixels ({llava_patches(arch) - 1} tokens)" if arch["kind"] == "llava" \
+        else f"{args.max_pixels:,} pixels"
     about = (f"model: {args.model}: {total / 1e9:.2f}B parameters "
              f"(language model {(total - params['vision']) / 1e9:.2f}B, vision {params['vision'] / 1e6:.0f}M, frozen)"
              + (f"; LoRA r={args.lora_r}: {lora / 1e6:.1f}M trainable" if lora else "")
-             + f"\nper sample (worst case): {args.max_length} tokens, one image of {args.max_pixels:,} pixels; "
+             + f"\nper sample (worst case): {args.max_length} tokens, one image of {image}; "
              f"{flops / 1e12:.2f} TFLOP per sample (training)")
 
     def setups(count):  # (flags, ZeRO settings); on one GPU plain PyTorch instead of ZeRO-2 (nothing to split)

@@ -483,7 +483,7 @@ def report_benchmark(args, timings, dtype, device):
     try:  # the FLOPs plan.py counts, for a sample of the size measured
         flops = vlm_flops_per_sample(vlm_arch(args.model), tokens / samples_per_step, pixels, args.use_lora,
                                      args.gradient_checkpointing)
-    except ValueError:  # not a Qwen2-VL-like model
+    except ValueError:  # neither a Qwen2-VL-like model nor LLaVA
         flops = None
     peak = hardware.peak_flops(device)  # None on a CPU or an unknown GPU
     mfu = round(flops * samples_per_step / seconds / (world_size() * peak), 4) if flops and peak else "n/a"

@@ -417,7 +417,7 @@ PLAN = [
     ('vlm: max steps 0', ['--vlm', '--max-steps', '0'], 1, '--max-steps must be in [1, inf)'),
     ('vlm: 4-bit without LoRA', ['--vlm', '--use-4bit'], 1, '--use-4bit needs --use-lora'),
     ('vlm: model config not JSON', ['--vlm', '--model', '{hf_bad_json}'], 1, 'config.json cannot be read'),
-    ('vlm: not a Qwen2-VL', ['--vlm', '--model', '{hf}'], 1, 'only Qwen2-VL-style models'),
+    ('vlm: not a Qwen2-VL', ['--vlm', '--model', '{hf}'], 1, 'only Qwen2-VL-style and LLaVA models are planned'),
     ('vlm: data not JSON', ['--vlm', '--data', '{not_utf8}'], 1, 'cannot be read'),
     ('vlm: min pixels above max', ['--vlm', '--min-pixels', '5000', '--max-pixels', '1000'], 1,
      '--max-pixels 1000 is below --min-pixels 5000'),

@@ -141,7 +141,7 @@ def tiny_qwen2_vl_config():
 
 
 def is_vision(name):
-    return ".visual." in f".{name}"
+    return any(part in f".{name}" for part in (".visual.", ".vision_tower.", ".multi_modal_projector."))
 
 
 def add_lora(model, r):
@@ -246,6 +246,53 @@ def test_vlm_qlora_bytes_match_real_tensors(tmp_path):
             param.data = param.data.to(torch.bfloat16)
     model = add_lora(model, r=4)
     vlm_step_and_compare(model, memory.vlm_arch("tiny", config.to_dict()), use_4bit=True)
+
+
+def test_vlm_parameter_groups_match_llava(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    folder = vlm_fixtures.write_llava(str(tmp_path / "llava"))
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    counts = memory.vlm_params(memory.vlm_arch(folder))
+    vision = sum(p.numel() for n, p in model.named_parameters() if is_vision(n))
+    assert counts["vision"] == vision == sum(counts["merger"]) + sum(counts["tower"])
+    assert sorted(counts["merger"]) == sorted(p.numel() for n, p in model.named_parameters()
+                                              if ".multi_modal_projector." in n)
+    assert counts["lm_linear"] + counts["lm_other"] + counts["lm_head"] \
+        == sum(p.numel() for p in model.parameters()) - vision
+
+
+@pytest.mark.parametrize("use_4bit", [False, True])
+def test_vlm_llava_lora_and_qlora_bytes_match_real_tensors(tmp_path, use_4bit):
+    from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
+    folder = vlm_fixtures.write_llava(str(tmp_path / "llava"))
+    torch.manual_seed(0)
+    if not use_4bit:
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+        model.requires_grad_(False)
+    else:
+        pytest.importorskip("bitsandbytes")
+        from peft import prepare_model_for_kbit_training
+        quantization = BitsAndBytesConfig(  # as train_ds.py: the vision tower, projector and lm_head stay 16-bit
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
+                                                              quantization_config=quantization, device_map={"": "cpu"})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for name, param in model.named_parameters():
+            if is_vision(name):
+                param.data = param.data.to(torch.bfloat16)
+    model = add_lora(model, r=4)
+    vlm_step_and_compare(model, memory.vlm_arch(folder), use_4bit=use_4bit)
+
+
+def test_llava_1_5_13b_is_planned_from_its_built_in_sizes(capsys):
+    plan.plan(["--vlm", "--model", "llava-hf/llava-1.5-13b-hf", "--use-lora", "--use-4bit", "--gpu=A6000", "--gpus=1"])
+    out = capsys.readouterr().out
+    assert "| A6000 |" in out
+    params = memory.vlm_params(memory.LLAVA_15["13b"])
+    total = params["lm_linear"] + params["lm_other"] + params["lm_head"] + params["vision"]
+    assert 13.2e9 < total < 13.5e9  # LLaVA-1.5-13B: about 13.35 billion parameters
 
 
 def test_vlm_flags_give_vlm_memory_its_arguments():
