@@ -43,6 +43,8 @@ from training import cosine_lr, optimizer_step, set_learning_rate
 config, _ = settings(dict(train_defaults(), bench_warmup=3, bench_iters=10, profile=False))
 check_train_settings(config)
 check_ranges(config, {"bench_warmup": "[0, inf)", "bench_iters": "[1, inf)"})
+if config["fsdp"]:
+    raise UserError("bench.py times one process or DDP, not FSDP yet: drop --fsdp=True")
 
 # -----------------------------------------------------------------------------
 device, device_type = runtime.resolve_device(config["device"])

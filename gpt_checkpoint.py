@@ -144,11 +144,16 @@ def check_resume(checkpoint, path, config, vocabulary):
                 "not those of an unbroken run")
 
 
-def restore_state(checkpoint, path, optim, scaler, rank, world_size):
-    """The optimizer and scaler state, and this process's RNG states when the checkpoint has one per
-    process of this run (else dropout's noise differs, and the note says so)."""
+def restore_state(checkpoint, path, model, optim, scaler, rank, world_size):
+    """The optimizer and scaler state (into an FSDP run's shards too), and this process's RNG states when
+    the checkpoint has one per process of this run (else dropout's noise differs, and the note says so)."""
     try:
-        optim.load_state_dict(checkpoint['optimizer'])
+        if is_sharded(model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optim, keyed_by_name(checkpoint['optimizer'], param_names(model, optim)),
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optim.load_state_dict(checkpoint['optimizer'])
         if 'scaler' in checkpoint:
             scaler.load_state_dict(checkpoint['scaler'])
     except (ValueError, KeyError, TypeError) as e:
@@ -159,6 +164,43 @@ def restore_state(checkpoint, path, optim, scaler, rank, world_size):
         set_rng_state(rng_states[rank])
     else:
         say("note: the checkpoint's RNG states do not match this run's processes; dropout noise will differ")
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint format for every layout: an FSDP run's shards are gathered into what one process saves
+
+def is_sharded(model):
+    return any(hasattr(p, 'full_tensor') for p in model.parameters())  # FSDP's DTensors
+
+
+def full_state(model, optim):
+    """(weights, LoRA entry, optimizer state) as a one-process run saves them. Under FSDP a collective
+    (every rank calls it) that gathers the whole onto rank 0's CPU: its host memory is the limit."""
+    if not is_sharded(model):
+        return (*gpt_lora.checkpoint_weights(model), optim.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optim, options=options)
+    if not by_name:  # cpu_offload gathers onto rank 0 only
+        return weights, None, None
+    index = {name: i for i, name in enumerate(param_names(model, optim))}  # optim.state_dict()'s numbering
+    return weights, None, {'state': {index[name]: value for name, value in by_name['state'].items()},
+                           'param_groups': [dict(group, params=[index[name] for name in group['params']])
+                                            for group in by_name['param_groups']]}
+
+
+def param_names(model, optim):
+    """The names of the optimizer's parameters, in the order optimizer.state_dict() numbers them."""
+    names = {param: name for name, param in model.named_parameters()}
+    return [names[param] for group in optim.param_groups for param in group['params']]
+
+
+def keyed_by_name(state, names):
+    """An optimizer state dict numbered as optimizer.state_dict() does, keyed by parameter name instead."""
+    return {'state': {names[i]: value for i, value in state['state'].items()},
+            'param_groups': [dict(group, params=[names[i] for i in group['params']])
+                             for group in state['param_groups']]}
 
 
 # -----------------------------------------------------------------------------

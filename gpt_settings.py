@@ -63,6 +63,11 @@ def check_train_settings(config):
     if not (init_from in ('scratch', 'resume') or init_from in PRETRAINED or os.path.isdir(init_from)):
         raise UserError(f"init_from='{init_from}' is neither scratch, resume, one of {', '.join(PRETRAINED)}, "
              "nor a folder with a Hugging Face GPT-2 checkpoint")
+    for name, value, why in (('optimizer', c['optimizer'] != 'adamw', f"optimizer='{c['optimizer']}'"),
+                             ('lora_rank', c['lora_rank'], 'LoRA'), ('dtype', c['dtype'] == 'float16', 'float16'),
+                             ('eval_hellaswag', c['eval_hellaswag'], 'eval_hellaswag')):
+        if c['fsdp'] and value:  # not built yet: each one line, not a hang or a wrong result
+            raise UserError(f"fsdp=True does not run with {why} yet: use --fsdp=False (DDP), or drop --{name}")
     unknown = set(c['lora_targets'].split(',')) - set(gpt_lora.TARGETS)
     if unknown:
         raise UserError(f"lora_targets='{c['lora_targets']}' names {', '.join(sorted(unknown))}: use a comma-separated "

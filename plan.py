@@ -143,6 +143,9 @@ def parse(argv):
         return vlm_run(args), {k: getattr(args, k) for k in ("gpu", "gpus", "price", "mfu")}
     options, rest = split_plan_options(argv)
     config = gpt_config(rest)
+    if config["fsdp"]:
+        raise UserError("plan.py counts one process or DDP (the whole model state on every GPU), not FSDP yet: "
+                        "drop --fsdp=True")
     if config["gradient_accumulation_steps"] % (options["gpus"] or 1):
         raise UserError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} "
                         f"is not divisible by --gpus={options['gpus']}")

@@ -93,6 +93,7 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 backend = 'nccl'  # DDP backend on GPUs; CPUs always use 'gloo'
+fsdp = False  # under torchrun, shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
 compile = True  # torch.compile the model: faster iterations after a compile of about a minute
@@ -203,6 +204,8 @@ if init_from == 'resume':
     evals_without_improvement = checkpoint.get('evals_without_improvement', 0)
 model.activation_checkpointing, model.fused_loss = activation_checkpointing, fused_loss
 model.to(device)
+if fsdp and ddp:  # each block and the root sharded: the optimizer below holds this process's shards only
+    model.fully_shard(dtype)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 say(f"tokens per iteration will be: {tokens_per_iter:,}")
 say(memory.gpt_start_line(config, ddp_world_size, device, model_args, dtype))  # warns if it will not fit the GPU
@@ -217,20 +220,17 @@ try:
 except ImportError:
     raise UserError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes")
 if checkpoint is not None:  # the optimizer, the scaler and this process's RNG states, as they were
-    gpt_checkpoint.restore_state(checkpoint, ckpt_path, optim, scaler, ddp_rank, ddp_world_size)
+    gpt_checkpoint.restore_state(checkpoint, ckpt_path, model, optim, scaler, ddp_rank, ddp_world_size)
 checkpoint = None  # free up memory
-
-# compile the model (where torch.compile cannot work, say why and run eager), then wrap it in DDP.
-# Compiled this way round, its first call happens inside DDP's forward, so Dynamo splits the graph
-# at DDP's gradient buckets and the all-reduce overlaps the backward pass.
-blocker = compile and runtime.compile_blocker(device_type)
+# compile (where it cannot work, say why and run eager), then wrap in DDP: compiled this way round, Dynamo
+# splits the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass
+blocker = compile and ("not yet under fsdp" if fsdp and ddp else runtime.compile_blocker(device_type))
 if compile and master_process:
     print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check"
           if blocker else "compiling the model... (the first iteration takes a ~minute)")
 if compile and not blocker:
     model = torch.compile(model, mode=None if compile_mode == 'default' else compile_mode)
-if ddp:
-    # gradients as views into the all-reduce buckets: no second copy of them
+if ddp and not fsdp:  # gradients as views into the all-reduce buckets: no second copy of them
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, gradient_as_bucket_view=True)
 
 # -----------------------------------------------------------------------------
@@ -275,10 +275,11 @@ def save_checkpoint(is_best, previous_iter):
     rng_states = [None] * ddp_world_size if ddp else [training.get_rng_state()]
     if ddp:
         dist.all_gather_object(rng_states, training.get_rng_state())
+    # under LoRA the adapters and the base's name; under FSDP every rank's shards, gathered
+    weights, lora, optim_state = gpt_checkpoint.full_state(raw_model, optim)
     if not master_process:
         return iter_num
-    weights, lora = gpt_lora.checkpoint_weights(raw_model)  # under LoRA: the adapters and the base's name
-    ckpt = {'model': weights, 'lora': lora, 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
+    ckpt = {'model': weights, 'lora': lora, 'optimizer': optim_state, 'scaler': scaler.state_dict(),
             'model_args': model_args, 'vocabulary': vocabulary, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
             'evals_without_improvement': evals_without_improvement, 'last_eval_iter': last_eval_iter,
             'config': config, 'rng': rng_states, 'elapsed_s': elapsed_before + time.time() - run_start - compile_s}
@@ -336,9 +337,9 @@ while True:
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
-        if ddp:
-            # sync gradients only on the last micro step (the official way is model.no_sync())
-            model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        if ddp:  # sync gradients only on the last micro step (DDP's all-reduce, FSDP's reduce-scatter)
+            last = micro_step == gradient_accumulation_steps - 1
+            model.set_requires_gradient_sync(last) if fsdp else setattr(model, 'require_backward_grad_sync', last)
         with ctx:
             _, loss = model(X, Y)
             loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation

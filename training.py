@@ -126,6 +126,8 @@ def optimizer_step(optim, scaler, params, grad_clip, skip_on_device):
     scaler.unscale_(optim)
     # the norm is the same on every process (gradients are all-reduced): a shared skip decision
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+    if hasattr(grad_norm, 'full_tensor'):  # FSDP: the norm of the whole gradient, as a DTensor
+        grad_norm = grad_norm.full_tensor()
     skipped = ~torch.isfinite(grad_norm)
     if scaler.is_enabled():
         scaler.step(optim)  # fp16: the scaler skips non-finite steps itself

@@ -71,6 +71,19 @@ def test_two_gpu_ddp_trains_like_one(char_data, tmp_path):
         assert i == j and abs((a or va) - (b or vb)) < 1e-3  # TF32 matmuls
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_two_gpu_fsdp_in_bfloat16_trains_like_one(char_data, tmp_path):
+    args = [*GPU, f'--dataset={char_data}', '--dtype=bfloat16', '--compile=False', '--max_iters=8',
+            '--eval_interval=4', '--gradient_accumulation_steps=4']
+    single = run_script('train.py', *args, f'--out_dir={tmp_path / "single"}', timeout=900)
+    fsdp = torchrun(*args, '--fsdp=True', f'--out_dir={tmp_path / "fsdp"}', timeout=900)
+    assert single.returncode == 0 and fsdp.returncode == 0, fsdp.stderr[-3000:]
+    pairs = list(zip(losses(tmp_path / 'single'), losses(tmp_path / 'fsdp'), strict=True))
+    print(f"FSDP bf16: {[(i, round(a or va, 4), round(b or vb, 4)) for (i, a, va), (_, b, vb) in pairs]}")
+    for (i, a, va), (j, b, vb) in pairs:
+        assert i == j and abs((a or va) - (b or vb)) < 2e-2  # bf16 parameters in FSDP, autocast in one process
+
+
 def test_sample_from_a_gpu_checkpoint(char_data, tmp_path):
     assert run_script('train.py', *GPU, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--compile=False',
                       '--max_iters=4', '--eval_interval=4').returncode == 0
