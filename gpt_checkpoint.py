@@ -19,16 +19,18 @@ from training import set_rng_state
 # -----------------------------------------------------------------------------
 # the output folder
 
-def claim_out_dir(folder, our_files, new_run, overwrite):
+def claim_out_dir(folder, our_files, new_run, overwrite, auto_resume=False):
     """train.py's out_dir for this run: locked, our half-written temp files of a killed run
-    removed, and another run's files (our_files, a regex) kept unless overwrite. Returns the lock."""
+    removed, and another run's files (our_files, a regex) kept unless overwrite. Under auto_resume a
+    log.jsonl alone is this run's own start, killed before its first checkpoint: it goes. Returns the lock."""
     lock = files.lock_folder(folder)
     files.remove_stale_temps(folder, our_files)
     previous_run = sorted(name for name in os.listdir(folder) if re.fullmatch(our_files, name))
     if previous_run and new_run:
-        if not overwrite:
+        if not overwrite and not (auto_resume and previous_run == ['log.jsonl']):
             raise UserError(f"out_dir '{folder}' holds another run ({', '.join(previous_run)}): continue it with "
-                 "--init_from=resume, choose another --out_dir, or pass --overwrite=True to replace it")
+                            "--init_from=resume (or --auto_resume=True), choose another --out_dir, or pass "
+                            "--overwrite=True to replace it")
         for name in previous_run:
             os.remove(os.path.join(folder, name))
     return lock
@@ -97,6 +99,12 @@ def checkpoint_vocabulary(checkpoint):
 # -----------------------------------------------------------------------------
 # resuming: the checkpoint's shape wins, and what cannot continue is refused before training
 
+def start_or_resume(out_dir, init_from):
+    """auto_resume: 'resume' when out_dir holds this run's checkpoint, else init_from (check_resume refuses
+    a checkpoint that another run, started from elsewhere, left there)."""
+    return 'resume' if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else init_from
+
+
 def load_for_resume(out_dir):
     """out_dir's ckpt.pt, read onto the CPU (the RNG states must stay there; the weights move with the
     model). Returns (checkpoint, its path, a hint naming the older checkpoints for the error lines)."""
@@ -127,6 +135,9 @@ def check_resume(checkpoint, path, config, vocabulary):
     """What the checkpoint was trained with, against this run: refuse what cannot continue (another
     vocabulary or optimizer, an iteration past max_iters), note what changes the batches."""
     trained = checkpoint.get('config', {})
+    if config['auto_resume'] and trained.get('init_from', config['init_from']) != config['init_from']:
+        raise UserError(f"{path} belongs to a run started from init_from={trained.get('init_from')!r}, not "
+                        f"{config['init_from']!r}: give that run's command, or another out_dir")
     if checkpoint_vocabulary(checkpoint) != vocabulary:
         raise UserError(f"data/{config['dataset']} has another vocabulary than {path} was trained on (other "
                         f"characters, or characters against GPT-2's BPE): resume on its dataset "

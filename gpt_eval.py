@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from configurator import UserError
 
 
-def read_items(path):
-    """The tokenized items of data/hellaswag/prepare.py: {"context": ids, "endings": [ids] * 4, "label": i}."""
+def read_items(path, data_dir, vocabulary):
+    """The tokenized items of data/hellaswag/prepare.py: {"context": ids, "endings": [ids] * 4, "label": i},
+    for a model of GPT-2's BPE (vocabulary: the dataset's characters, None for BPE)."""
+    if vocabulary is not None:
+        raise UserError(f"eval_hellaswag scores GPT-2 BPE tokens, but {data_dir} is character-level: use a BPE dataset")
     try:
         with open(path, encoding='utf-8') as f:
             items = [json.loads(line) for line in f if line.strip()]

@@ -48,6 +48,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, save a checkpoint after each eval, else only on improvement
 init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local Hugging Face GPT-2 folder
+auto_resume = False  # resume out_dir's ckpt.pt if it has one, else start as init_from says: one command, any restart
 overwrite = False  # a new run into an out_dir holding another run's checkpoints replaces them only if True
 keep_last = 1  # older checkpoints kept beside ckpt.pt, as ckpt-<iter>.pt
 patience = 0  # stop after this many evals without a better val loss (0 = never)
@@ -103,6 +104,7 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config, explicit_keys = settings(globals())  # config files and --key=value; a UserError is one line from here
 check_train_settings(config)  # every setting's range, and the ones that must agree (gpt_settings.py)
+init_from = gpt_checkpoint.start_or_resume(out_dir, init_from) if auto_resume else init_from
 # -----------------------------------------------------------------------------
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1  # is this a ddp run?
@@ -127,9 +129,7 @@ data_dir = os.path.join('data', dataset)  # dataset may also be a path to a fold
 largest_token, meta_vocab_size, vocabulary = gpt_data.check_dataset(data_dir, block_size)
 if meta_vocab_size is not None:
     say(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
-if eval_hellaswag and vocabulary is not None:
-    raise UserError(f"eval_hellaswag scores GPT-2 BPE tokens, but {data_dir} is character-level: use a BPE dataset")
-hellaswag = gpt_eval.read_items(hellaswag_file) if eval_hellaswag else []  # scored at each eval, split among processes
+hellaswag = gpt_eval.read_items(hellaswag_file, data_dir, vocabulary) if eval_hellaswag else []  # scored each eval
 
 
 def get_batch(split, iter_index, batch_index):
@@ -151,7 +151,7 @@ def get_batch(split, iter_index, batch_index):
 OUR_FILES = r'ckpt\.pt|best\.pt|ckpt-\d{7}\.pt|log\.jsonl'
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master_process and not eval_only:
-    out_dir_lock = gpt_checkpoint.claim_out_dir(out_dir, OUR_FILES, new_run=init_from != 'resume', overwrite=overwrite)
+    out_dir_lock = gpt_checkpoint.claim_out_dir(out_dir, OUR_FILES, init_from != 'resume', overwrite, auto_resume)
 if ddp and not eval_only:
     gpt_checkpoint.check_shared_folder(out_dir, device)
 

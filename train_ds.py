@@ -578,7 +578,7 @@ def fine_tune(args, dtype, ds_config, zero3, resume_from, data, device):
         say(f"{resume_from} is at step {max_steps}, this run's last: nothing to train (raise --max-steps to go on)")
     say(vlm_start_line(args, world_size(), device, ds_config))  # expected peak memory; warns if it will not fit
     engine = build_engine(args, dtype, device, ds_config, zero3)
-    start_step = resume_checkpoint(resume_from, engine) if args.resume else 0
+    start_step = resume_checkpoint(resume_from, engine) if resume_from else 0
     save_data_measures(args, data)
     timings = train(args, engine, data, device, start_step, max_steps)
     if data.lock:  # free --output-dir now, not when the garbage is collected: another run may follow in this process

@@ -130,7 +130,9 @@ SAME_DATA_ORDER = ("data", "batch_size", "gradient_accumulation_steps", "world_s
 def resume_path(args):
     """The checkpoint --resume names (or the newest in --output-dir), checked against this run's flags
     before anything slow: another model or other trainable parts are refused, another data order noted."""
-    path = newest_checkpoint(args.output_dir) if args.resume == "latest" else args.resume
+    path = newest_checkpoint(args.output_dir) if args.resume in ("latest", "auto") else args.resume
+    if path is None and args.resume == "auto":
+        return None  # nothing yet: a new run
     if path is None:
         raise UserError(f"--resume: no checkpoint-* folder in {args.output_dir}")
     if not os.path.isdir(path):

@@ -79,7 +79,8 @@ def build_parser(description=None):
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept on disk")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --output-dir, or from the one given")
+                   help="continue from the newest checkpoint in --output-dir, or from the one given; --resume auto: "
+                        "from the newest if there is one, else start: one command for a run and its restarts")
     p.add_argument("--log-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--wandb", action="store_true")

@@ -50,7 +50,7 @@ def direct_mean_losses(model, item):
 def test_hellaswag_scoring_equals_a_direct_computation(items_file, block_size):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=block_size, vocab_size=50304, dropout=0.0)).eval()
-    items = gpt_eval.read_items(items_file)
+    items = gpt_eval.read_items(items_file, 'data/x', None)
     assert [item['label'] for item in items][:4] == [2, 0, 1, 0]
     expected = 0
     for item in items:

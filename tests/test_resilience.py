@@ -174,3 +174,24 @@ def test_an_output_file_on_a_full_disk_is_one_line_and_the_old_one_stays_whole(s
     assert_one_line_error((1, f'error: {exit_info.value}'), 'No space left on device')
     assert old.read_text() == 'the results of an earlier run\n' * 1000
     assert sorted(os.listdir(small_disk)) == ['filler', 'predictions.jsonl']  # no temp file left
+
+
+def test_one_command_starts_a_run_and_every_restart_continues_it_exactly(char_data, tmp_path):
+    args = [*TINY, f'--dataset={char_data}', '--max_iters=400', '--eval_interval=50', '--dropout=0.1']
+    assert run_script('train.py', *args, f'--out_dir={tmp_path / "reference"}').returncode == 0
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"iter": 0, "loss": 99.0}\n')  # a start killed before its first checkpoint
+    command = [*args, f'--out_dir={out}', '--auto_resume=True']
+    proc = start_script('train.py', *command)
+    assert wait_for(lambda: (out / 'ckpt.pt').exists(), 60)
+    proc.send_signal(signal.SIGTERM)  # a spot instance reclaimed: it saves and exits
+    assert proc.wait(timeout=60) == 0
+    stopped_at = torch.load(out / 'ckpt.pt', weights_only=True)['iter_num']
+    assert run_script('train.py', *command).returncode == 0  # the same command: it resumes
+    assert stopped_at >= 50  # the signal came after the first checkpoint (or at the end, on a fast machine)
+    assert [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(out)] == \
+           [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(tmp_path / 'reference')]
+    # a checkpoint of a run started elsewhere is never taken for this one's
+    r = run_script('train.py', *command, '--init_from=gpt2')
+    assert r.returncode == 1 and "belongs to a run started from init_from='scratch', not 'gpt2'" in r.stderr

@@ -678,6 +678,18 @@ def test_grad_clip_0_means_no_clipping_and_trains(work, tmp_path):
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
 
 
+def test_resume_auto_starts_a_new_run_and_continues_an_interrupted_one(lora_run, tmp_path):
+    args, output_dir = lora_run
+    interrupted = str(tmp_path / "interrupted")
+    shutil.copytree(output_dir, interrupted)
+    shutil.rmtree(os.path.join(interrupted, "checkpoint-8"))  # killed between its two saves
+    train_ds.main([*args, "--output-dir", interrupted, "--resume", "auto"])
+    assert [e["loss"] for e in steps_of(interrupted)] == [e["loss"] for e in steps_of(output_dir)]
+    fresh = str(tmp_path / "fresh")  # the same flag on an empty folder: a new run
+    train_ds.main([*args, "--output-dir", fresh, "--resume", "auto", "--max-steps", "2", "--save-steps", "2"])
+    assert sorted(os.listdir(fresh)) == [".lock", "checkpoint-2", "data-cache", "log.jsonl"]
+
+
 def test_merging_an_output_dir_merges_its_newest_checkpoint(lora_run, tmp_path, capsys):
     _, output_dir = lora_run
     train_ds.main(["--merge-lora", output_dir, "--output-dir", str(tmp_path / "merged")])
