@@ -23,13 +23,6 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def share_cpu_cores():
-    """Under a launcher that sets no OMP_NUM_THREADS (deepspeed's; torchrun sets 1), N CPU processes that
-    each use every core thrash: give each process its share of the cores."""
-    if world_size() > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size()))
-
-
 def say(*args):
     """print on rank 0 only: one voice for the whole job."""
     if rank() == 0:

@@ -1,5 +1,3 @@
-import os
-
 import torch
 from test_model import tiny_gpt
 
@@ -23,17 +21,3 @@ def test_auto_dtype_skips_emulated_bfloat16(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     assert runtime.resolve_dtype('auto', 'cuda') == 'bfloat16'
 
-
-def test_cpu_processes_of_a_launcher_that_sets_no_thread_count_share_the_cores(monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
-    monkeypatch.setenv('WORLD_SIZE', '2')  # as the deepspeed launcher leaves it, on a CPU
-    try:
-        runtime.share_cpu_cores()
-        assert torch.get_num_threads() == max(1, os.cpu_count() // 2)
-        torch.set_num_threads(threads)
-        monkeypatch.setenv('OMP_NUM_THREADS', '1')  # torchrun's: left as it is
-        runtime.share_cpu_cores()
-        assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(threads)

@@ -1026,3 +1026,14 @@ def test_a_dying_rank_ends_the_whole_deepspeed_job(work, tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers
+
+
+def test_processes_of_a_launcher_that_sets_no_thread_count_share_the_cores():
+    # the deepspeed launcher leaves OMP_NUM_THREADS unset: each CPU process gets its share before torch starts
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    code = "import os, train_ds; print(os.environ['OMP_NUM_THREADS'])"
+    for world_size, expected in (("2", str(max(1, os.cpu_count() // 2))), ("1", None)):
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, WORLD_SIZE=world_size),
+                                capture_output=True, text=True, timeout=120)
+        printed = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else None
+        assert printed == expected, result.stderr[-2000:]
