@@ -192,6 +192,8 @@ def full_state(model, optim):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
+    if 'lm_head.weight' in weights:  # tied to wte, but gathered as a copy: save one tensor, as one process does
+        weights['lm_head.weight'] = weights['transformer.wte.weight']
     by_name = get_optimizer_state_dict(model, optim, options=options)
     if not by_name:  # cpu_offload gathers onto rank 0 only
         return weights, None, None

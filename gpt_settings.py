@@ -68,6 +68,8 @@ def check_train_settings(config):
                              ('eval_hellaswag', c['eval_hellaswag'], 'eval_hellaswag')):
         if c['fsdp'] and value:  # not built yet: each one line, not a hang or a wrong result
             raise UserError(f"fsdp=True does not run with {why} yet: use --fsdp=False (DDP), or drop --{name}")
+    if c['fsdp_offload'] and not c['fsdp']:
+        raise UserError("fsdp_offload=True offloads FSDP's shards: add --fsdp=True (under torchrun), or drop it")
     unknown = set(c['lora_targets'].split(',')) - set(gpt_lora.TARGETS)
     if unknown:
         raise UserError(f"lora_targets='{c['lora_targets']}' names {', '.join(sorted(unknown))}: use a comma-separated "

@@ -54,21 +54,28 @@ def nf4_bytes(numel):
 # GPT (model.GPT as train.py builds it)
 
 def gpt_params(shape):
-    """Parameter tensors of model.GPT as (numel, is_matmul_weight); wte is tied to lm_head."""
+    """Parameter tensors of model.GPT as (numel, is_matmul_weight, rows: the first dimension, which FSDP
+    splits); wte is tied to lm_head."""
     width, bias = shape["n_embd"], shape["bias"]
-    norm = [(width, False)] + ([(width, False)] if bias else [])
+    norm = [(width, False, width)] + ([(width, False, width)] if bias else [])
 
     def linear(n_in, n_out):
-        return [(n_in * n_out, True)] + ([(n_out, False)] if bias else [])
+        return [(n_in * n_out, True, n_out)] + ([(n_out, False, n_out)] if bias else [])
     block = norm + linear(width, 3 * width) + linear(width, width) + norm + linear(width, 4 * width) \
         + linear(4 * width, width)
-    return [(shape["vocab_size"] * width, True), (shape["block_size"] * width, False)] + block * shape["n_layer"] + norm
+    vocab, positions = shape["vocab_size"], shape["block_size"]
+    return [(vocab * width, True, vocab), (positions * width, False, positions)] + block * shape["n_layer"] + norm
+
+
+def fsdp_shard(numel, rows, world_size):
+    """A parameter's numel on each of FSDP2's ranks: dim 0 cut in world_size chunks, each padded to the first."""
+    return math.ceil(rows / world_size) * (numel // rows)
 
 
 def gpt_flops_per_token(shape, lora=False):
     """Training FLOPs per token, as model.GPT.flops_per_token: 6N (non-embedding N) + attention; 4N
     under LoRA (no weight gradients for the frozen weights)."""
-    n = sum(numel for numel, _ in gpt_params(shape)) - shape["block_size"] * shape["n_embd"]
+    n = sum(numel for numel, _, _ in gpt_params(shape)) - shape["block_size"] * shape["n_embd"]
     return (4 if lora else 6) * n + 12 * shape["n_layer"] * shape["n_embd"] * shape["block_size"]
 
 
@@ -88,12 +95,13 @@ def gpt_lora_settings(config):
 
 
 def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activation_checkpointing=False, dropout=0.0,
-               lora_rank=0, lora_targets=tuple(GPT_LINEARS), lora_dropout=0.0, fused_loss=False):
-    """Per-GPU bytes at the peak of a train.py step (DDP over world_size GPUs), by component. With
-    lora_rank > 0 the GPT's weights are frozen: only the adapters get gradients and optimizer state.
-    fused_loss: the loss a chunk of positions at a time (model.ChunkedCrossEntropy)."""
+               lora_rank=0, lora_targets=tuple(GPT_LINEARS), lora_dropout=0.0, fused_loss=False, fsdp=False,
+               fsdp_offload=False):
+    """Per-GPU bytes at the peak of a train.py step (DDP or, with fsdp, FSDP2 over world_size GPUs), by
+    component. With lora_rank > 0 the GPT's weights are frozen: only the adapters get gradients and
+    optimizer state. fused_loss: the loss a chunk of positions at a time (model.ChunkedCrossEntropy)."""
     params = gpt_params(shape)
-    numels = [n for n, _ in params]
+    numels = [n for n, _, _ in params]
     n_params = sum(numels)
     lora = gpt_lora_params(shape, lora_rank, lora_targets) if lora_rank else []
     trained = lora or numels
@@ -123,15 +131,47 @@ def gpt_memory(shape, batch_size, world_size, dtype, optimizer="adamw", activati
     else:  # logits in the autocast dtype, and in backward three float32 (B,T,V) buffers: log_softmax's
         # output, its incoming gradient and the gradient it returns
         loss = tokens * vocab * (act + 12)
-    return {
+    memory = {
         "weights": 4 * (n_params + sum(lora)),
         "gradients": 4 * sum(trained),  # under DDP they are views into its all-reduce buckets: no copy
         "optimizer": adamw8bit_bytes(trained) if optimizer == "adamw8bit" else adamw_bytes(trained),
         # autocast's copies of the matmul weights, kept for backward (frozen ones too: for input gradients)
-        "16-bit weight copies": 0 if act == 4 else 2 * (sum(n for n, matmul in params if matmul) + sum(lora)),
+        "16-bit weight copies": 0 if act == 4 else 2 * (sum(n for n, matmul, _ in params if matmul) + sum(lora)),
         "activations": activations,
         "logits + loss": loss,
         "inputs": tokens * 32,  # X, Y and the prefetched next X, Y as int64
+    }
+    if fsdp and world_size > 1:
+        memory.update(gpt_fsdp_state(shape, world_size, act, fsdp_offload))
+    return memory
+
+
+def gpt_checkpoint_bytes(shape):
+    """Host bytes of a full-weight checkpoint's tensors (float32 weights, AdamW's state): what rank 0 of an
+    FSDP run gathers onto its CPU at every save, on top of what the process holds already."""
+    numels = [numel for numel, _, _ in gpt_params(shape)]
+    return 4 * sum(numels) + adamw_bytes(numels)
+
+
+def gpt_fsdp_state(shape, world_size, act, offload):
+    """Per-GPU bytes of FSDP2's model state (model.GPT.fully_shard): float32 weights, gradients and AdamW
+    state cut in world_size shards (held by the host under offload), and what is whole for a while in the
+    compute dtype (act bytes): the root's weights (embeddings, head) and gradient for the whole step, the
+    weights of the block running and the one prefetched, and one block's gradient (with a float32 copy to
+    reduce-scatter when computing in 16 bits). The compute-dtype weights make autocast's copies unneeded."""
+    params = gpt_params(shape)
+    shards = [fsdp_shard(numel, rows, world_size) for numel, _, rows in params]
+    ln_f = 2 if shape["bias"] else 1
+    root = sum(numel for numel, _, _ in params[:2] + params[-ln_f:])
+    block = (sum(numel for numel, _, _ in params) - root) // shape["n_layer"]
+    host = 0 if offload else 1
+    return {
+        "weights": host * 4 * sum(shards),
+        "gradients": host * 4 * sum(shards),
+        "optimizer": host * adamw_bytes(shards),
+        "16-bit weight copies": 0,
+        "gathered weights": act * (root + min(2, shape["n_layer"]) * block),
+        "gathered gradients": act * (root + block) + (4 * block if act != 4 else 0),
     }
 
 
@@ -396,7 +436,7 @@ def gpt_start_line(config, world_size, device, shape, dtype):
     sizes it built (n_layer, n_head, n_embd, vocab_size, block_size, bias); dtype: the one it runs in."""
     memory = gpt_memory(shape, config["batch_size"], world_size, dtype, config["optimizer"],
                         config["activation_checkpointing"], config["dropout"], *gpt_lora_settings(config),
-                        config["fused_loss"])
+                        config["fused_loss"], config["fsdp"], config["fsdp_offload"])
     tokens_per_iter = config["batch_size"] * config["gradient_accumulation_steps"] * shape["block_size"]
     hint = "try --fused_loss=True, --activation_checkpointing=True, --optimizer=adamw8bit or a smaller --batch_size"
     return start_line(memory, world_size, device, f"{tokens_per_iter:,} tokens/iter", hint)

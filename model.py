@@ -163,17 +163,20 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         return None, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
-    def fully_shard(self, dtype):
+    def fully_shard(self, dtype, offload=False):
         """FSDP2 over the default process group: each block, then the root (embeddings, head), so each
         process keeps 1/N of the weights, gradients and optimizer state and gathers a block to run it.
-        Parameters compute in dtype ('float32', 'bfloat16'), gradients are reduced in float32."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        Parameters compute in dtype ('float32', 'bfloat16'), gradients are reduced in float32; with
+        offload the shards (and so the optimizer's state and step) live in host memory."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         for tensor in self.state_dict().values():  # rank 0's weights everywhere, as DDP starts (inits differ per rank)
             torch.distributed.broadcast(tensor, src=0)
-        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+        host = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+        policies = dict(mp_policy=MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32),
+                        offload_policy=host)
         for block in self.transformer.h:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(self, mp_policy=policy)
+            fully_shard(block, **policies)
+        fully_shard(self, **policies)
 
     def crop_block_size(self, block_size):
         # model surgery to use a smaller context than the checkpoint was trained with

@@ -33,6 +33,7 @@ from gpt_settings import check_train_settings, gpt_shape, train_defaults
 from memory import (
     FRAGMENTATION,
     GiB,
+    gpt_checkpoint_bytes,
     gpt_flops_per_token,
     gpt_lora_settings,
     gpt_memory,
@@ -60,6 +61,9 @@ DOCS_RUNS = [  # (title, plan.py's arguments) for the tables of docs/PLANNING.md
     ("GPT-2 124M pretraining", "config/gpt2_124m_multi_gpu.py --gpus=8"),
     ("GPT-2 medium finetune", "config/finetune_gpt2_medium.py --gpus=1"),
     ("GPT-2 XL finetune", "config/finetune_shakespeare.py --gpus=1"),
+    ("GPT-2 large full finetune with FSDP",
+     "config/finetune_gpt2_medium.py --init_from=gpt2-large --fsdp=True --gpus=2"),
+    ("GPT-2 XL full finetune with FSDP", "config/finetune_gpt2_xl_fsdp.py --gpus=2"),
     ("GPT-2 small class model for classify.py (IMDB, AG News)", "config/classify_imdb.py --gpus=1"),
     ("GPT-2 medium LoRA class model for classify.py", "config/classify_imdb.py config/lora_gpt2_medium.py --gpus=1"),
     ("Qwen2-VL-2B QLoRA, 448x448 image + text, 512 tokens",
@@ -143,9 +147,6 @@ def parse(argv):
         return vlm_run(args), {k: getattr(args, k) for k in ("gpu", "gpus", "price", "mfu")}
     options, rest = split_plan_options(argv)
     config = gpt_config(rest)
-    if config["fsdp"]:
-        raise UserError("plan.py counts one process or DDP (the whole model state on every GPU), not FSDP yet: "
-                        "drop --fsdp=True")
     if config["gradient_accumulation_steps"] % (options["gpus"] or 1):
         raise UserError(f"gradient_accumulation_steps={config['gradient_accumulation_steps']} "
                         f"is not divisible by --gpus={options['gpus']}")
@@ -161,12 +162,17 @@ def parse(argv):
 GPT_SETUPS = [{}, {"fused_loss": True}, {"fused_loss": True, "activation_checkpointing": True},
               {"fused_loss": True, "optimizer": "adamw8bit"},
               {"fused_loss": True, "activation_checkpointing": True, "optimizer": "adamw8bit"}]
+# on several GPUs also FSDP: the model state split among them (AdamW only), last with it in host memory
+FSDP_SETUPS = [dict(setup, fsdp=True, optimizer="adamw") for setup in GPT_SETUPS[:3]] \
+    + [{"fsdp": True, "fused_loss": True, "activation_checkpointing": True, "fsdp_offload": True}]
 
 
-def gpt_setups(config):
-    """GPT_SETUPS as (flags, settings) for this config: only what it changes, each once."""
+def gpt_setups(config, count=1):
+    """The setups as (flags, settings) for this config on count GPUs: only what it changes, each once; with
+    --fsdp=True given, only FSDP's on several GPUs. FSDP's exact AdamW comes before DDP's 8-bit one."""
+    ddp, fsdp = ([] if config["fsdp"] and count > 1 else GPT_SETUPS), (FSDP_SETUPS if count > 1 else [])
     setups = {}
-    for settings in GPT_SETUPS:
+    for settings in ddp[:3] + fsdp[:3] + ddp[3:] + fsdp[3:]:
         changed = {k: v for k, v in settings.items() if config[k] != v}
         setups.setdefault(" ".join(f"--{k}={v}" for k, v in changed.items()), changed)
     return list(setups.items())
@@ -178,14 +184,14 @@ def gpt_run(config):
     dtype = "bfloat16" if config["dtype"] == "auto" else config["dtype"]
     sequences = config["batch_size"] * config["gradient_accumulation_steps"]  # per iteration, all GPUs
     tokens_per_iter = sequences * config["block_size"]
-    n_params = sum(n for n, _ in gpt_params(shape))
+    n_params = sum(n for n, _, _ in gpt_params(shape))
     flops_per_token = gpt_flops_per_token(shape, lora=config["lora_rank"] > 0)
     lora = f", LoRA rank {config['lora_rank']} on {config['lora_targets']}" if config["lora_rank"] else ""
 
     def memory(micro_batch, count, settings):
         run = dict(config, **settings)
         return gpt_memory(shape, micro_batch, count, dtype, run["optimizer"], run["activation_checkpointing"],
-                          run["dropout"], *gpt_lora_settings(run), run["fused_loss"])
+                          run["dropout"], *gpt_lora_settings(run), run["fused_loss"], run["fsdp"], run["fsdp_offload"])
 
     def flops_per_sample(settings):
         checkpointing = dict(config, **settings)["activation_checkpointing"]  # one more forward: 2N on 6N (4N: LoRA)
@@ -194,16 +200,18 @@ def gpt_run(config):
 
     def where(world):
         return (f"batch_size={config['batch_size']} per GPU, "
-                f"{f'{world} GPUs with DDP' if world > 1 else '1 GPU'}, {dtype}")
+                f"{f'{world} GPUs with ' + ('FSDP' if config['fsdp'] else 'DDP') if world > 1 else '1 GPU'}, {dtype}")
     about = (f"model: {config['init_from']} with n_layer={shape['n_layer']} n_head={shape['n_head']} "
              f"n_embd={shape['n_embd']} vocab={shape['vocab_size']} block={config['block_size']}: "
              f"{n_params / 1e6:.1f}M parameters, {flops_per_token / 1e9:.2f} GFLOP per token (training)\n"
              f"run: {tokens_per_iter:,} tokens/iter x {config['max_iters']:,} iters = "
              f"{tokens_per_iter * config['max_iters']:,} tokens; optimizer {config['optimizer']}, "
-             f"activation_checkpointing={config['activation_checkpointing']}, fused_loss={config['fused_loss']}{lora}")
+             f"activation_checkpointing={config['activation_checkpointing']}, fused_loss={config['fused_loss']}{lora}"
+             + (f"\nFSDP: each save gathers the whole checkpoint onto rank 0's host memory, "
+                f"{gpt_checkpoint_bytes(shape) / GiB:.1f} GiB on top of the process" if config["fsdp"] else ""))
     return dict(
         kind="gpt", about=about, batch_size=config["batch_size"], settings={}, where=where, memory=memory,
-        setups=lambda count: gpt_setups(config),
+        setups=lambda count: gpt_setups(config, count),
         samples_per_gpu=lambda count: sequences // count if sequences % count == 0 else 0,
         flags=lambda micro, accumulation, count, setup:  # train.py takes the global accumulation
             f"--batch_size={micro} --gradient_accumulation_steps={accumulation * count} {setup}".strip(),

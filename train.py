@@ -4,15 +4,13 @@ Train a GPT: from scratch, from OpenAI's GPT-2 weights, or resuming a checkpoint
 One process (runs on whatever device is there):
 $ python train.py config/train_shakespeare_char.py
 
-DDP on 8 GPUs of one node (several nodes: see the README; out_dir must then be on a filesystem every
-node shares, as every rank reads the checkpoint on resume: checked at start-up):
+DDP on 8 GPUs of one node (several nodes: see the README; out_dir must be on a filesystem all nodes share),
+or FSDP2 (--fsdp=True) for models whose weights, gradients and AdamW state do not fit one GPU:
 $ torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m_multi_gpu.py
 
-Checkpoints are written atomically with every RNG state: `--init_from=resume` continues exactly; SIGTERM
-and Ctrl-C save one and exit. A run locks its out_dir and never trains over another run's files.
-
-Two departures from nanoGPT's API: model(X, Y) returns (None, loss), not the logits (they never
-exist with the fused loss), and the optimizer object is `optim` (`optimizer` is the setting's name).
+Checkpoints are atomic, with every RNG state: `--init_from=resume` continues exactly; SIGTERM and Ctrl-C
+save one and exit. A run locks its out_dir and never trains over another run's files. Unlike nanoGPT,
+model(X, Y) returns (None, loss) (the fused loss never builds the logits) and the optimizer is `optim`.
 """
 import signal
 import sys
@@ -95,6 +93,7 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 # system
 backend = 'nccl'  # DDP backend on GPUs; CPUs always use 'gloo'
 fsdp = False  # under torchrun, shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
+fsdp_offload = False  # with fsdp, keep the shards and AdamW's state in host memory (slower; for what won't fit)
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' = bfloat16 where supported, else float16 on CUDA; float32 elsewhere
 compile = True  # torch.compile the model: faster iterations after a compile of about a minute
@@ -205,7 +204,7 @@ if init_from == 'resume':
 model.activation_checkpointing, model.fused_loss = activation_checkpointing, fused_loss
 model.to(device)
 if fsdp and ddp:  # each block and the root sharded: the optimizer below holds this process's shards only
-    model.fully_shard(dtype)
+    model.fully_shard(dtype, fsdp_offload)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 say(f"tokens per iteration will be: {tokens_per_iter:,}")
 say(memory.gpt_start_line(config, ddp_world_size, device, model_args, dtype))  # warns if it will not fit the GPU
@@ -222,13 +221,14 @@ except ImportError:
 if checkpoint is not None:  # the optimizer, the scaler and this process's RNG states, as they were
     gpt_checkpoint.restore_state(checkpoint, ckpt_path, model, optim, scaler, ddp_rank, ddp_world_size)
 checkpoint = None  # free up memory
-# compile (where it cannot work, say why and run eager), then wrap in DDP: compiled this way round, Dynamo
-# splits the graph at DDP's gradient buckets and the all-reduce overlaps the backward pass
-blocker = compile and ("not yet under fsdp" if fsdp and ddp else runtime.compile_blocker(device_type))
+# compile (or say why not and run eager), then DDP: this way round the all-reduce overlaps the backward pass
+blocker = compile and runtime.compile_blocker(device_type)
 if compile and master_process:
     print(f"torch.compile cannot run here ({blocker}): running eager; pass --compile=False to skip this check"
           if blocker else "compiling the model... (the first iteration takes a ~minute)")
-if compile and not blocker:
+if compile and not blocker and fsdp and ddp:  # each sharded block in place: its gathers stay outside the graphs
+    [block.compile(mode=None if compile_mode == 'default' else compile_mode) for block in model.transformer.h]
+elif compile and not blocker:
     model = torch.compile(model, mode=None if compile_mode == 'default' else compile_mode)
 if ddp and not fsdp:  # gradients as views into the all-reduce buckets: no second copy of them
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, gradient_as_bucket_view=True)

@@ -84,6 +84,23 @@ def test_two_gpu_fsdp_in_bfloat16_trains_like_one(char_data, tmp_path):
         assert i == j and abs((a or va) - (b or vb)) < 2e-2  # bf16 parameters in FSDP, autocast in one process
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_two_gpu_fsdp_peak_memory_is_within_15_percent_of_plan(char_data, tmp_path):
+    import memory
+    sizes = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False)
+    r = torchrun(*GPU, *(f'--{k}={v}' for k, v in sizes.items()), '--batch_size=16', f'--dataset={char_data}',
+                 '--dtype=bfloat16', '--compile=False', '--max_iters=4', '--eval_interval=4',
+                 '--gradient_accumulation_steps=2', '--fsdp=True', f'--out_dir={tmp_path}', timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured = max(e.get('peak_memory_gib') or 0 for e in read_log(tmp_path)) * 2**30
+    vocab_size = torch.load(tmp_path / 'ckpt.pt', weights_only=False)['model_args']['vocab_size']
+    predicted = sum(memory.gpt_memory(dict(sizes, vocab_size=vocab_size), 16, 2, 'bfloat16', fused_loss=True,
+                                      fsdp=True).values())
+    print(f"FSDP on 2 GPUs: plan.py peak {predicted / 2**30:.3f} GiB, max_memory_allocated "
+          f"{measured / 2**30:.3f} GiB, ratio {predicted / measured:.3f}")
+    assert 0.85 < predicted / measured < 1.15
+
+
 def test_sample_from_a_gpu_checkpoint(char_data, tmp_path):
     assert run_script('train.py', *GPU, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--compile=False',
                       '--max_iters=4', '--eval_interval=4').returncode == 0

@@ -83,7 +83,7 @@ def test_gpt_lora_weights_gradients_optimizer_bytes_match_real_tensors(targets):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt_parameter_count_matches_the_model(bias):
     shape = tiny_gpt_shape(bias)
-    assert sum(n for n, _ in memory.gpt_params(shape)) == GPT(GPTConfig(**shape)).get_num_params(non_embedding=False)
+    assert sum(n for n, _, _ in memory.gpt_params(shape)) == GPT(GPTConfig(**shape)).get_num_params(non_embedding=False)
 
 
 def gpt2_medium_peak(batch_size=2, activation_checkpointing=False):
