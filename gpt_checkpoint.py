@@ -216,6 +216,12 @@ def keyed_by_name(state, names):
                              for group in state['param_groups']]}
 
 
+def trim_log(path, iter_num, last_eval_iter):
+    """Drop the log.jsonl lines a killed run wrote past the checkpoint it resumes from (iter_num)."""
+    files.trim_jsonl(path, lambda r: r.get('iter', iter_num) < iter_num or (
+        r.get('iter') == iter_num and 'val_loss' in r and last_eval_iter == iter_num))
+
+
 # -----------------------------------------------------------------------------
 # saving
 

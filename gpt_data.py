@@ -7,6 +7,7 @@ import os
 import pickle
 
 import numpy as np
+import torch
 
 from configurator import UserError
 
@@ -32,6 +33,18 @@ def batch_offsets(seed, split, iter_index, batch_index, count, high):
     for part in (seed, split, iter_index, batch_index):
         key = splitmix64(key ^ (part & MASK64))  # & MASK64: iteration -1 (evals) hashes like any other
     return [splitmix64(key ^ i) % high for i in range(count)]
+
+
+def read_batch(data_dir, split, seed, iter_index, batch_index, batch_size, block_size, device):
+    """(inputs, targets) of one batch: batch_size random windows of split's token file, on device."""
+    # a new memmap per batch avoids a memory leak (https://stackoverflow.com/questions/45132940)
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if torch.device(device).type == 'cuda':  # pinned, so the copy to the GPU runs asynchronously
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------

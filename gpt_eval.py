@@ -9,6 +9,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+import runtime
 from configurator import UserError
 
 
@@ -70,3 +71,11 @@ def correct_answers(model, items, device, autocast):
         correct += losses.argmin() == item['label']
     model.train(was_training)
     return correct
+
+
+def acc_norm(model, items, device, autocast):
+    """HellaSwag's acc_norm over items, each process scoring its share (under DDP every rank calls it)."""
+    correct = correct_answers(model, items[runtime.rank()::runtime.world_size()], device, autocast)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(correct)
+    return correct.item() / len(items)

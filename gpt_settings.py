@@ -27,7 +27,8 @@ TRAIN_RANGES = {  # train.py's numeric settings; bench.py and plan.py take the s
     'beta2': '[0, 1)', 'grad_clip': '[0, inf)', 'max_nonfinite_steps': '[1, inf)', 'warmup_iters': '[0, inf)',
     'lr_decay_iters': '[0, inf)', 'min_lr': '[0, inf)', 'seed': '[0, 4294967296)',
     'lora_rank': '[0, inf)', 'lora_alpha': '(0, inf)', 'lora_dropout': '[0, 1)',
-    'muon_learning_rate': '(0, inf)', 'muon_momentum': '[0, 1)',
+    'muon_learning_rate': '(0, inf)', 'muon_momentum': '[0, 1)', 'checkpoint_minutes': '[0, inf)',
+    'max_hours': '[0, inf)', 'price_per_hour': '[0, inf)',
 }
 
 

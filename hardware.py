@@ -74,3 +74,41 @@ def peak_flops(device):
         return None
     key = match_gpu(torch.cuda.get_device_name(device))
     return GPUS[key][1] * 1e12 if key and GPUS[key][1] else None
+
+
+# -----------------------------------------------------------------------------
+# what the node's GPUs are doing, through NVML (the optional nvidia-ml-py). Read at log lines only:
+# NVML asks the driver, not a CUDA stream, so a reading adds no device sync.
+
+def open_gpu_telemetry(say=print):
+    """NVML handles of this node's GPUs; where there is nothing to read, [] and a one-line note said."""
+    handles, note = gpu_handles()
+    if note:
+        say(note)
+    return handles
+
+
+def gpu_handles():
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception as e:  # no module, no driver, an NVML error: telemetry is optional, never a failure
+        return [], (f"GPU telemetry off ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unavailable'}); "
+                    "pip install nvidia-ml-py on a GPU machine to log utilization, memory, temperature and power")
+    return (handles, None) if handles else ([], "GPU telemetry off: NVML sees no GPU")
+
+
+def read_gpu_telemetry(handles):
+    """Each GPU's utilization (% of the last sample period with a kernel running), memory used (GiB),
+    temperature (C) and power (W), as log.jsonl fields; {} if a reading fails."""
+    if not handles:
+        return {}
+    import pynvml
+    try:
+        return {"gpu_util": [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles],
+                "gpu_memory_gib": [round(pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**30, 2) for h in handles],
+                "gpu_temp_c": [pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) for h in handles],
+                "gpu_power_w": [round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000) for h in handles]}  # from mW
+    except Exception:  # a GPU fallen off the bus is for the training loop to notice, not the log line
+        return {}

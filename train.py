@@ -19,16 +19,15 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: no
 import os  # noqa: E402
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import files
 import gpt_checkpoint
 import gpt_data
 import gpt_eval
 import gpt_lora
+import hardware
 import memory
 import runtime
 import training
@@ -47,6 +46,9 @@ eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, save a checkpoint after each eval, else only on improvement
 init_from = 'scratch'  # 'scratch' | 'resume' | 'gpt2*' | a local Hugging Face GPT-2 folder
 auto_resume = False  # resume out_dir's ckpt.pt if it has one, else start as init_from says: one command, any restart
+checkpoint_minutes = 0.0  # also save at least this often (0: at evals only), so a reclaimed spot GPU loses less
+max_hours = 0.0  # save and exit cleanly before this many hours (a scheduler's or rental's limit; 0: none)
+price_per_hour = 0.0  # the whole job's USD per hour: the log line shows the cost so far and at the end
 overwrite = False  # a new run into an out_dir holding another run's checkpoints replaces them only if True
 keep_last = 1  # older checkpoints kept beside ckpt.pt, as ckpt-<iter>.pt
 patience = 0  # stop after this many evals without a better val loss (0 = never)
@@ -113,7 +115,8 @@ ddp_rank, ddp_local_rank, ddp_world_size, device, gradient_accumulation_steps = 
     runtime.start_ddp(device, device_type, backend, gradient_accumulation_steps)  # per process from here on
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 say = runtime.say  # only rank 0 talks
-say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)")
+say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)"
+    + (", fsdp=True without torchrun: nothing to shard, a plain run" if fsdp and not ddp else ""))
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -132,17 +135,12 @@ hellaswag = gpt_eval.read_items(hellaswag_file, data_dir, vocabulary) if eval_he
 
 
 def get_batch(split, iter_index, batch_index):
-    # poor man's data loader: random windows of the token file, each batch placed by its position
-    # in the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would.
-    # A new memmap per batch avoids a memory leak (https://stackoverflow.com/questions/45132940)
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = gpt_data.batch_offsets(seed, split == 'val', iter_index, batch_index, batch_size, len(data) - block_size)
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device_type == 'cuda':
-        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    # poor man's data loader (gpt_data.read_batch): random windows of the token file, each batch placed by its
+    # position in the run, so a resumed or re-sharded run sees exactly the batches an uninterrupted one would
+    start, batch = time.time(), gpt_data.read_batch(data_dir, split, seed, iter_index, batch_index, batch_size,
+                                                    block_size, device)
+    clock['data'] += time.time() - start  # the loop's wait for its batches (on a GPU: up to the async copy)
+    return batch
 
 
 # the output folder: locked while we run, another run's files kept unless asked, only our own
@@ -157,6 +155,7 @@ if ddp and not eval_only:
 # -----------------------------------------------------------------------------
 # model init
 iter_num, best_val_loss, evals_without_improvement, elapsed_before = 0, float('inf'), 0, 0.0
+clock, hinted = dict(saved=time.time(), longest_save=0.0, data=0.0), {}  # rank 0's decides timed saves and stops
 last_eval_iter = None  # a checkpoint saved right after an eval must not repeat it on resume
 checkpoint = None
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -255,10 +254,7 @@ def estimate_loss():
         out[f'{split}_loss'] = (total[0] / total[1]).item()
     model.train()
     if hellaswag:  # the uncompiled model: the items' lengths vary
-        correct = gpt_eval.correct_answers(raw_model, hellaswag[ddp_rank::ddp_world_size], device, ctx)
-        if ddp:
-            dist.all_reduce(correct)
-        out['hellaswag_acc_norm'] = correct.item() / len(hellaswag)
+        out['hellaswag_acc_norm'] = gpt_eval.acc_norm(raw_model, hellaswag, device, ctx)
     return out
 
 
@@ -272,9 +268,7 @@ def log(record):
 
 def save_checkpoint(is_best, previous_iter):
     """ckpt.pt, every process's RNG included, written atomically (see gpt_checkpoint.save). Returns iter_num."""
-    rng_states = [None] * ddp_world_size if ddp else [training.get_rng_state()]
-    if ddp:
-        dist.all_gather_object(rng_states, training.get_rng_state())
+    start, rng_states = time.time(), training.all_rng_states()
     # under LoRA the adapters and the base's name; under FSDP every rank's shards, gathered
     weights, lora, optim_state = gpt_checkpoint.full_state(raw_model, optim)
     if not master_process:
@@ -285,6 +279,7 @@ def save_checkpoint(is_best, previous_iter):
             'config': config, 'rng': rng_states, 'elapsed_s': elapsed_before + time.time() - run_start - compile_s}
     print(f"saving checkpoint to {out_dir} (iter {iter_num})")
     gpt_checkpoint.save(ckpt, out_dir, is_best, previous_iter, keep_last)
+    clock.update(saved=time.time(), longest_save=max(clock['longest_save'], time.time() - start))
     return iter_num
 
 
@@ -297,16 +292,14 @@ last_saved_iter = iter_num if init_from == 'resume' else None
 if init_from == 'resume' and iter_num == max_iters and not eval_only:
     say(f"the checkpoint is at max_iters={max_iters} already: nothing to train (raise --max_iters to go on)")
 if master_process and init_from == 'resume' and not eval_only:  # lines a killed run wrote past its checkpoint
-    files.trim_jsonl(log_path, lambda r: r.get('iter', iter_num) < iter_num or (
-        r.get('iter') == iter_num and 'val_loss' in r and last_eval_iter == iter_num))
+    gpt_checkpoint.trim_log(log_path, iter_num, last_eval_iter)
 wandb_run = training.init_wandb(wandb_project, wandb_run_name, config) if master_process and wandb_log else None
 stop_signals, _ = training.catch_stop_signals()  # SIGTERM and Ctrl-C: finish the step, save, exit cleanly
+gpus = hardware.open_gpu_telemetry() if master_process else []  # NVML, read at log lines
 X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
-# No host-device sync in a plain iteration: the loss and the non-finite counts stay on the device
-# and are read at log iterations and every check_every iterations (the stop signals then too)
-check_every = 10
+check_every = 10  # no host-device sync in a plain iteration: loss, counts and stops are read at these and log iters
 t0, t0_iter = time.time(), iter_num
-run_start, compile_s, compiling = t0, 0.0, compile and not blocker  # compiling: the first iteration and eval
+run_start, compile_s, compiling, t_start = t0, 0.0, compile and not blocker, iter_num  # compiling: 1st iter and eval
 nonfinite_in_a_row, nonfinite_total = torch.zeros((), device=device), torch.zeros((), device=device)
 stop_requested = False  # agreed by all processes, so they save and stop at the same iteration
 params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -365,10 +358,13 @@ while True:
     log_now = it % log_interval == 0
     if not (log_now or it % check_every == 0 or iter_num == max_iters or (stop_signals and not ddp)):
         continue
-    stats = torch.stack([loss_sum, torch.tensor(float(bool(stop_signals)), device=device), nonfinite_in_a_row])
+    late = master_process and training.out_of_time(  # the steps to the next check point, then the longest save
+        run_start, max_hours, check_every * (time.time() - run_start) / (iter_num - t_start) + clock['longest_save'])
+    flags = [bool(stop_signals) or late, master_process and training.save_due(clock['saved'], checkpoint_minutes)]
+    stats = torch.cat([torch.stack([loss_sum, nonfinite_in_a_row]), torch.tensor(flags, device=device).float()])
     if ddp:
         dist.all_reduce(stats)  # the loss is averaged, a stop on any rank stops all; the count is the same on all
-    loss_value, stops, in_a_row = (value / ddp_world_size for value in stats.tolist())  # one sync
+    loss_value, in_a_row, stops, save_now = (value / ddp_world_size for value in stats.tolist())  # one sync
     stop_requested, in_a_row = stops > 0, round(in_a_row)
     if in_a_row and master_process:
         print(f"iter {it}: non-finite loss/gradients, step skipped ({in_a_row} in a row)")
@@ -377,18 +373,22 @@ while True:
                            f"iter {last_saved_iter}" if last_saved_iter is not None else None)
     if log_now and master_process:
         t1 = time.time()
-        eta = training.human_time((max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter)) \
-            if t0 >= run_start + compile_s else "n/a (this time includes compilation)"
-        dt, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num  # mean over the iterations since the last log
+        eta_s = (max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter) if t0 >= run_start + compile_s else None
+        extra, more = training.long_run_fields(t1 - t0, clock['data'], t1 - run_start, eta_s, price_per_hour, gpus)
+        dt, t0, t0_iter, clock['data'] = (t1 - t0) / (iter_num - t0_iter), t1, iter_num, 0.0  # mean since the last log
         mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
-        mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown peak)"
-        print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-              f"tok/s {tokens_per_iter / dt:,.0f}, mfu {mfu_text}, ETA {eta}")
+        print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, tok/s "
+              f"{tokens_per_iter / dt:,.0f}, mfu {f'{mfu:.2%}' if mfu is not None else 'n/a (unknown peak)'} | {more}")
         log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-             'mfu': mfu, 'peak_memory_gib': runtime.peak_memory_gib(device)})
+             'mfu': mfu, 'peak_memory_gib': runtime.peak_memory_gib(device), **extra})
+        [print(hint) for hint in training.slow_hints(extra, hinted, "put the dataset on a local SSD (the batches "
+                                                     "are memmap reads)", "raise batch_size (plan.py: what fits)")]
     if stop_requested:
-        say(f"received {stop_signals[0] if stop_signals else 'a stop request'}: saving a checkpoint and exiting")
+        why = f"max_hours={max_hours} is near" if late else f"received {(stop_signals or ['a stop request'])[0]}"
+        say(f"{why}: saving a checkpoint and exiting")
         break
+    if save_now and last_saved_iter != iter_num:  # checkpoint_minutes passed since the last save
+        last_saved_iter = save_checkpoint(False, last_saved_iter)
 
 # the state to resume from: at the end of a run, and on SIGTERM/SIGINT whatever the settings
 if not eval_only and iter_num > 0 and last_saved_iter != iter_num and (always_save_checkpoint or stop_requested):

@@ -11,36 +11,10 @@ The heavy lifting is done by the model's own processor and chat template (transf
 bitsandbytes and DeepSpeed. Our own code: reading and checking the data, masking the loss to the
 assistant's replies (vlm_data.py), checkpoints that survive crashes and ZeRO-3. `--help`: every flag.
 
-Labels: the loss is on the assistant's replies only, each with its end-of-turn token (the EOS
-token is appended where the template puts none, as LLaVA-1.5's: else the model never learns to
-stop). The replies are found by rendering the conversation turn by turn with the model's chat
-template, so any template that renders turns in order works. The loss is the mean over every label
-token of the global batch (all micro-batches, all ranks), so short replies weigh no more than long
-ones. Long samples are never truncated (a cut could land inside an image's tokens): they stop the
-run, or --skip-long drops and counts them. The data check reads image sizes from the file headers
-and caches its result in --output-dir (vlm_data.py).
-
-What trains (vlm_model.py): the language model, fully or through LoRA; --train-projector,
---train-vision and --vision-lora add the other parts, each with its own learning rate.
-
-DeepSpeed: batch size, accumulation, precision and clipping come from the flags and are written
-into the ZeRO config (which must hold no "auto"); the optimizer and schedule are ours (AdamW;
-DeepSpeed's CPU Adam under optimizer offload). overlap_comm is off in the shipped configs: it is
-known to give NaN or zero losses (a config that turns it on gets a warning). Under ZeRO-3 a batch
-without any image gets a tiny masked image, so every rank runs the vision tower and none waits
-forever for the others; 4-bit weights need --bf16/--fp16 there (ZeRO-3 splits only floating-point
-storage: bnb_4bit_quant_storage).
-
-Checkpoints: out-vlm/checkpoint-N/ holds the adapter (or the full model), the processor,
-run_args.json, the optimizer (DeepSpeed's files under deepspeed/, sharded per rank, or
-trainer_state.pt) and every rank's RNG state; under ZeRO-3 the weights are gathered first (else
-the adapter would be empty). It is written to .tmp-checkpoint-N/, synced, then renamed into
-place: a crash or a full disk mid-save leaves the older ones intact. SIGTERM or Ctrl-C finishes
-the step, saves and exits (with the deepspeed launcher, signal the training processes: it kills
-its children a few seconds after a signal). --resume continues with the same weights, optimizer,
-step, schedule, data position and RNG states: bit for bit on a CPU in fp32 (tested). It refuses a
-checkpoint of another --model or of other trainable parts, and notes a changed data order (batch
-size, data, seed, process count). --trust-remote-code is never read from a checkpoint's run_args.json.
+The loss is on the assistant's replies only (with their end-of-turn token), averaged over every label
+token of the global batch; long samples are never cut. Checkpoints are atomic and resume bit for bit
+(--resume, or --resume auto for one command that starts and restarts a run); --save-minutes and
+--max-hours suit spot GPUs and time limits. How each works, and why: docs/VLM.md.
 """
 
 
@@ -68,11 +42,11 @@ import torch  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 import hardware  # noqa: E402
+import training  # noqa: E402
 from configurator import UserError, one_line_errors  # noqa: E402
 from files import atomic_torch_save, disk_write, trim_jsonl  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
 from runtime import autocast, barrier, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
-from training import catch_stop_signals, cosine_lr, init_wandb, log_metrics, stop_if_diverged  # noqa: E402
 from vlm_checkpoint import (  # noqa: E402
     checkpoint_steps,
     claim_output_dir,
@@ -269,20 +243,25 @@ class PlainEngine:
 # -----------------------------------------------------------------------------
 # the loop: the schedule and the data order are pure functions of the step, so resuming restores both
 
-def loader(samples, indices, order, data, args, device):
+def loader(samples, indices, order, data, args, device, run=None):
     """Batches of samples, encoded in --num-workers processes ahead of the GPU; `order` lists the items.
     Its own generator: the global RNG (dropout's, saved in checkpoints) must not feed the workers' seeds.
-    A data error met while encoding (an image that header checks cannot catch: truncated) is its one line."""
+    A data error met while encoding (an image that header checks cannot catch: truncated) is its one line.
+    The time spent waiting for each batch is added to run.data_s."""
     batches = torch.utils.data.DataLoader(Batches(samples, data.processor, indices, data.dummy_image), batch_size=None,
                                           sampler=order, num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                           prefetch_factor=4 if args.num_workers else None,
                                           generator=torch.Generator().manual_seed(args.seed),
                                           worker_init_fn=functools.partial(start_worker,
                                                                            data.lock and data.lock.fileno()))
+    batches, start = iter(batches), time.time()
     for batch in batches:
+        if run is not None:
+            run.data_s += time.time() - start
         if "error" in batch:
             raise UserError(batch["error"])
         yield batch
+        start = time.time()
 
 
 def start_worker(lock_fd, worker_id):
@@ -311,12 +290,12 @@ def sum_over_ranks(values, device):
     return tensor.tolist()
 
 
-def train_step(engine, batches, step_labels, stop, device):
+def train_step(engine, batches, step_labels, flags, device):
     """Forward and backward over this rank's micro-batches of one step, then the update. Each
     micro-batch's mean loss is weighted by its share of the label tokens of the whole global batch
     (every micro-batch of every rank), so every token counts the same, as with HF Trainer's
-    num_items_in_batch. Returns the step's loss, tokens, stop request (from any rank), grad norm and
-    whether the update was applied: the same on every rank."""
+    num_items_in_batch. Returns the step's loss, tokens, flags (stop, save now: true if any rank's is),
+    grad norm and whether the update was applied: the same on every rank."""
     loss_sum, tokens = torch.zeros((), device=device), 0
     for batch in batches:
         tokens += int(batch["attention_mask"].sum())
@@ -326,10 +305,10 @@ def train_step(engine, batches, step_labels, stop, device):
         engine.backward(loss)
         loss_sum += loss.detach().float()
     grad_norm = engine.clip()  # plain: a device tensor, read in the one sync below; DeepSpeed: None (its own)
-    totals = sum_over_ranks([loss_sum, tokens, stop] + ([] if grad_norm is None else [grad_norm]), device)
-    loss, grad_norm = totals[0], totals[3] if grad_norm is not None else engine.grad_norm()
+    totals = sum_over_ranks([loss_sum, tokens, *flags] + ([] if grad_norm is None else [grad_norm]), device)
+    loss, grad_norm = totals[0], totals[4] if grad_norm is not None else engine.grad_norm()
     applied = engine.step(math.isfinite(loss), grad_norm)  # NaN on any rank: skipped on all
-    return loss, int(totals[1]), totals[2] > 0, grad_norm, applied
+    return loss, int(totals[1]), [flag > 0 for flag in totals[2:4]], grad_norm, applied
 
 
 @torch.no_grad()
@@ -352,16 +331,17 @@ def estimate_eval_loss(engine, data, args, device):
 
 
 def train(args, engine, data, device, start_step, max_steps):
-    """Steps start_step..max_steps, a checkpoint every --save-steps; SIGTERM or Ctrl-C finishes the
-    step, saves and stops. Returns each step's (seconds, tokens) for the benchmark."""
+    """Steps start_step..max_steps, a checkpoint every --save-steps (and --save-minutes); SIGTERM, Ctrl-C
+    and a near --max-hours finish the step, save and stop. Returns each step's (seconds, tokens) for the
+    benchmark. Rank 0's clock decides the timed saves and stop; the step's one all-reduce tells the others."""
     run = start_log(args, start_step)
     accumulation = args.gradient_accumulation_steps
     indices = functools.partial(train_indices, world_size=world_size(), batch_size=args.batch_size,
                                 sample_count=len(data.train), seed=args.seed)
     micro_batches = iter(loader(data.train, functools.partial(indices, rank=rank()),
-                                range(start_step * accumulation, max_steps * accumulation), data, args, device))
-    stop_signals, restore_signal_handlers = catch_stop_signals()
-    timings, nonfinite_in_a_row, nonfinite_total = [], 0, 0
+                                range(start_step * accumulation, max_steps * accumulation), data, args, device, run))
+    stop_signals, restore_signal_handlers = training.catch_stop_signals()
+    timings, nonfinite_in_a_row, nonfinite_total, elapsed = [], 0, 0, 0.0
     engine.forward.train()
     try:
         last = time.time()
@@ -369,8 +349,10 @@ def train(args, engine, data, device, start_step, max_steps):
             lr = set_learning_rates(engine, args, step, max_steps)
             step_labels = sum(data.label_tokens[i] for micro in range(step * accumulation, (step + 1) * accumulation)
                               for r in range(world_size()) for i in indices(micro, r))
-            loss, tokens, stopping, grad_norm, finite = train_step(
-                engine, itertools.islice(micro_batches, accumulation), step_labels, len(stop_signals), device)
+            late = rank() == 0 and training.out_of_time(run.start, args.max_hours, 2 * elapsed + run.longest_save)
+            flags = [len(stop_signals) + late, rank() == 0 and training.save_due(run.saved, args.save_minutes)]
+            loss, tokens, (stopping, save_now), grad_norm, finite = train_step(
+                engine, itertools.islice(micro_batches, accumulation), step_labels, flags, device)
             elapsed, last, done = time.time() - last, time.time(), step + 1  # the step's sync ends it
             timings.append((elapsed, tokens))
             if done % args.log_steps == 0 or done == max_steps:
@@ -380,11 +362,14 @@ def train(args, engine, data, device, start_step, max_steps):
             if not finite:
                 stop_if_nonfinite(args, done, nonfinite_in_a_row)
             # no save while the loss is not finite: the weights may be ruined, the last good checkpoint stays
-            if finite and not args.benchmark and (done % args.save_steps == 0 or done == max_steps or stopping):
-                evaluate_and_save(run, engine, data, args, device, done, evaluate=not stopping)
+            scheduled = done % args.save_steps == 0 or done == max_steps
+            if finite and not args.benchmark and (scheduled or stopping or save_now):  # timed saves skip the eval
+                evaluate_and_save(run, engine, data, args, device, done, evaluate=scheduled and not stopping)
+                run.saved, run.longest_save = time.time(), max(run.longest_save, time.time() - last)
                 last = time.time()  # the next step's time excludes the save
             if stopping:
-                say(f"stopped by a signal after step {done}; continue with --resume")
+                say(f"{f'--max-hours {args.max_hours} is near' if late else 'stopped by a signal'}: saved after step "
+                    f"{done}; continue with --resume (or the same command with --resume auto)")
                 break
     finally:
         restore_signal_handlers()
@@ -397,39 +382,49 @@ def train(args, engine, data, device, start_step, max_steps):
 
 def start_log(args, start_step):
     """Where the metrics go (rank 0: log.jsonl, which a resume trims to the steps before its own, and
-    wandb), and when the run started."""
+    wandb), the GPUs' telemetry, and the run's clocks: its start, its last save, the data wait."""
     path = os.path.join(args.output_dir, "log.jsonl") if rank() == 0 and not args.benchmark else None
     if path:  # "step": the name older runs gave the iteration
         trim_jsonl(path, lambda record: isinstance(record.get("iter", record.get("step")), int)
                    and record.get("iter", record.get("step")) <= start_step)
-    wandb_run = init_wandb(args.wandb_project, os.path.basename(os.path.abspath(args.output_dir)), vars(args)) \
-        if args.wandb and rank() == 0 else None
-    return SimpleNamespace(path=path, wandb=wandb_run, start=time.time())
+    name = os.path.basename(os.path.abspath(args.output_dir))
+    wandb_run = training.init_wandb(args.wandb_project, name, vars(args)) if args.wandb and rank() == 0 else None
+    gpus, now = hardware.open_gpu_telemetry(say) if rank() == 0 else [], time.time()
+    return SimpleNamespace(path=path, wandb=wandb_run, start=now, first_step=start_step, gpus=gpus, hinted={},
+                           saved=now, longest_save=0.0, window=now, data_s=0.0)
 
 
 def set_learning_rates(engine, args, step, max_steps):
     """Each parameter group's rate on the shared cosine schedule, from its own peak (this run's, not a
     checkpoint's); returns the language model's (--learning-rate's) for the log."""
     for group, peak in zip(engine.optimizer.param_groups, engine.peak_lrs):
-        group["lr"] = cosine_lr(step, peak, 0.1 * peak, args.warmup_steps, max_steps)
-    return cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
+        group["lr"] = training.cosine_lr(step, peak, 0.1 * peak, args.warmup_steps, max_steps)
+    return training.cosine_lr(step, args.learning_rate, 0.1 * args.learning_rate, args.warmup_steps, max_steps)
 
 
 def log_step(run, args, device, done, max_steps, loss, lr, grad_norm, tokens, elapsed):
     samples_per_s = args.batch_size * args.gradient_accumulation_steps * world_size() / elapsed
+    now = time.time()
+    eta_s = (max_steps - done) * (now - run.start) / (done - run.first_step)
+    extra, extra_text = training.long_run_fields(now - run.window, run.data_s, now - run.start, eta_s,
+                                                 args.price_per_hour, run.gpus)
+    run.window, run.data_s = now, 0.0
     record = {"iter": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
               "tokens_per_s": tokens / elapsed, "peak_memory_gib": peak_memory_gib(device),
-              "elapsed_s": round(time.time() - run.start, 3)}
+              "elapsed_s": round(now - run.start, 3), **extra}
     say(f"step {done}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
         f"{samples_per_s:.2f} samples/s | {record['tokens_per_s']:.0f} tokens/s | "
-        f"peak mem {record['peak_memory_gib']:.2f} GiB")
-    log_metrics(run.path, run.wandb, record)
+        f"peak mem {record['peak_memory_gib']:.2f} GiB | {extra_text}")
+    training.log_metrics(run.path, run.wandb, record)
+    for hint in training.slow_hints(extra, run.hinted, "raise --num-workers (they encode the images), or use a "
+                                    "faster disk", "raise --batch-size (plan.py --vlm: what fits)"):
+        say(hint)
 
 
 def stop_if_nonfinite(args, done, in_a_row):
     say(f"step {done}: loss not finite, step skipped ({in_a_row} in a row)")
     saved = checkpoint_steps(args.output_dir)
-    stop_if_diverged(in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
+    training.stop_if_diverged(in_a_row, args.max_nonfinite_steps, f"steps in a row (last at step {done})",
                      "lower --learning-rate, or use --bf16 instead of --fp16",
                      f"checkpoint-{saved[-1]}" if saved else None)
 
@@ -443,7 +438,7 @@ def evaluate_and_save(run, engine, data, args, device, done, evaluate):
         say(f"step {done} | eval loss {record['val_loss']:.4f}" + (f" | exact match {record['eval_exact_match']:.4f} | "
                                                                f"token F1 {record['eval_token_f1']:.4f}"
                                                                if args.eval_generate else ""))
-        log_metrics(run.path, run.wandb, dict(record, elapsed_s=round(time.time() - run.start, 3)))
+        training.log_metrics(run.path, run.wandb, dict(record, elapsed_s=round(time.time() - run.start, 3)))
     save_checkpoint(done, engine, data.processor, args)
 
 

@@ -1,16 +1,19 @@
 """
 What both trainers' loops share (train.py and train_ds.py): the learning-rate schedule, stop
-signals, the non-finite stop, every RNG state for exact resume, the metrics log and wandb.
+signals, the non-finite stop, the long-run clocks, costs and hints, every RNG state for exact resume,
+the metrics log and wandb.
 """
 import math
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import torch
 
 import files
+import hardware
 from configurator import UserError
 
 # -----------------------------------------------------------------------------
@@ -52,6 +55,61 @@ def stop_if_diverged(in_a_row, limit, what, advice, last_checkpoint):
 
 
 # -----------------------------------------------------------------------------
+# long runs on rented GPUs: a save on a clock, a time budget, the cost, and where the time goes.
+# Rank 0's clock decides; the trainers pass its decision to every rank in the sync they do anyway.
+
+def save_due(last_save, minutes):
+    return bool(minutes) and time.time() - last_save >= 60 * minutes
+
+
+def out_of_time(start, max_hours, reserve_s):
+    """True when stopping now is the last chance to save before max_hours since start: reserve_s is
+    what may still come first (the steps to the next check point, the longest save so far)."""
+    return bool(max_hours) and time.time() - start + reserve_s >= 3600 * max_hours
+
+
+def long_run_fields(wall_s, data_s, elapsed_s, eta_s, price_per_hour, gpus):
+    """A log line's ETA (eta_s None while compiling), the share of wall_s spent waiting for batches, the cost
+    since the start and at the end (price_per_hour: the whole job's), and each GPU's NVML readings:
+    (log.jsonl fields, their text for the log line)."""
+    record = {"data_wait": round(data_s / max(wall_s, 1e-9), 4)}
+    text = [f"ETA {human_time(eta_s) if eta_s is not None else 'n/a (compiling)'}",
+            f"data wait {record['data_wait']:.0%}"]
+    if price_per_hour:
+        record["cost_usd"] = round(price_per_hour * elapsed_s / 3600, 4)
+        text.append(f"${record['cost_usd']:.2f} since the start")
+        if eta_s is not None:
+            record["projected_cost_usd"] = round(price_per_hour * (elapsed_s + eta_s) / 3600, 4)
+            text[-1] += f", ${record['projected_cost_usd']:.2f} at the end"
+    record.update(hardware.read_gpu_telemetry(gpus))
+    if "gpu_util" in record:
+        text.append("gpu " + ", ".join(f"{u}% {m:.1f}GiB {t}C {w}W" for u, m, t, w in zip(
+            record["gpu_util"], record["gpu_memory_gib"], record["gpu_temp_c"], record["gpu_power_w"])))
+    return record, " | ".join(text)
+
+
+SLOW_DATA, LOW_UTILIZATION, LINES = 0.10, 80, 3  # a share of the time; % busy; log lines in a row
+
+
+def slow_hints(record, said, data_fix, batch_fix):
+    """Hints, each once per run (said: a dict the loop keeps), when for 3 log lines in a row the loop has
+    waited for its batches over 10% of the time, or the GPUs have been under 80% busy (with the likely cause)."""
+    hints, util = [], record.get("gpu_util")
+    said["waiting"] = said.get("waiting", 0) + 1 if record["data_wait"] > SLOW_DATA else 0
+    said["idle"] = said.get("idle", 0) + 1 if util and sum(util) / len(util) < LOW_UTILIZATION else 0
+    if said["waiting"] >= LINES and not said.get("data"):
+        said["data"] = True
+        hints.append(f"hint: {record['data_wait']:.0%} of the time goes to waiting for the next batch: {data_fix} "
+                     "(docs/TROUBLESHOOTING.md)")
+    if said["idle"] >= LINES and not said.get("util"):
+        said["util"] = True
+        cause = "the wait for data" if said["waiting"] else f"a batch too small to keep the GPU busy: {batch_fix}"
+        hints.append(f"hint: the GPUs have been under {LOW_UTILIZATION}% busy for {LINES} log lines; likely cause: "
+                     f"{cause} (docs/TROUBLESHOOTING.md)")
+    return hints
+
+
+# -----------------------------------------------------------------------------
 # exact resume: every RNG the next step may draw from
 
 def get_rng_state():
@@ -67,6 +125,14 @@ def get_rng_state():
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def all_rng_states():
+    """Every process's get_rng_state, in rank order (a collective under DDP: every rank calls it)."""
+    states = [None] * (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(states, get_rng_state())
+    return states if torch.distributed.is_initialized() else [get_rng_state()]
 
 
 def set_rng_state(state):
@@ -106,7 +172,8 @@ def init_wandb(project, run_name, config):
 
 # the names both trainers give the same things in log.jsonl and wandb (plot.py reads them); a record
 # may carry more (train_loss, grad_norm, samples_per_s, mfu, ...)
-METRICS = ('iter', 'loss', 'val_loss', 'lr', 'tokens_per_s', 'elapsed_s', 'peak_memory_gib')
+METRICS = ('iter', 'loss', 'val_loss', 'lr', 'tokens_per_s', 'elapsed_s', 'peak_memory_gib', 'data_wait', 'cost_usd',
+           'projected_cost_usd', 'gpu_util', 'gpu_memory_gib', 'gpu_temp_c', 'gpu_power_w')  # gpu_*: one per GPU
 
 
 def log_metrics(path, wandb_run, record):
@@ -114,8 +181,9 @@ def log_metrics(path, wandb_run, record):
     a wandb step (None: no wandb)."""
     if path:
         files.append_jsonl(path, record)
-    if wandb_run:
-        wandb_run.log(record, step=record['iter'])
+    if wandb_run:  # a chart per GPU: gpu_util/0, gpu_util/1, ...
+        wandb_run.log({f'{k}/{i}' if isinstance(v, list) else k: x for k, v in record.items()
+                       for i, x in (enumerate(v) if isinstance(v, list) else [(0, v)])}, step=record['iter'])
 
 
 def optimizer_step(optim, scaler, params, grad_clip, skip_on_device):

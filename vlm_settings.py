@@ -81,6 +81,12 @@ def build_parser(description=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in --output-dir, or from the one given; --resume auto: "
                         "from the newest if there is one, else start: one command for a run and its restarts")
+    p.add_argument("--save-minutes", type=float, default=0,
+                   help="also save at least this often (0: every --save-steps only): a reclaimed spot GPU loses less")
+    p.add_argument("--max-hours", type=float, default=0,
+                   help="save and exit cleanly before this many hours (a scheduler's or rental's limit; 0: none)")
+    p.add_argument("--price-per-hour", type=float, default=0,
+                   help="the whole job's USD per hour: the log line shows the cost so far and at the end")
     p.add_argument("--log-steps", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--wandb", action="store_true")
@@ -117,7 +123,8 @@ RANGES = {  # every numeric flag's valid values; None (not given) passes
     "vision_lr": "[0, inf)", "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)",
     "epochs": "(0, inf)", "max_steps": "[1, inf)", "max_nonfinite_steps": "[1, inf)", "save_steps": "[1, inf)",
     "log_steps": "[1, inf)", "keep_last": "[1, inf)", "seed": "[0, 4294967296)", "benchmark_image_size": "[28, 8192]",
-    "benchmark_text_words": "[1, inf)", "eval_generate": "[0, inf)",
+    "benchmark_text_words": "[1, inf)", "eval_generate": "[0, inf)", "save_minutes": "[0, inf)",
+    "max_hours": "[0, inf)", "price_per_hour": "[0, inf)",
 }
 
 

@@ -101,6 +101,17 @@ def test_two_gpu_fsdp_peak_memory_is_within_15_percent_of_plan(char_data, tmp_pa
     assert 0.85 < predicted / measured < 1.15
 
 
+def test_nvml_telemetry_reaches_the_log(char_data, tmp_path):
+    pytest.importorskip('pynvml', reason='needs nvidia-ml-py: pip install -e ".[gpu]"')
+    r = run_script('train.py', *GPU, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--compile=False',
+                   '--max_iters=6', '--eval_interval=100')
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = [e for e in read_log(tmp_path) if 'loss' in e][-1]
+    print(f"NVML: {[(k, last[k]) for k in ('gpu_util', 'gpu_memory_gib', 'gpu_temp_c', 'gpu_power_w')]}")
+    assert len(last['gpu_util']) == torch.cuda.device_count() and all(0 <= u <= 100 for u in last['gpu_util'])
+    assert all(m > 0 for m in last['gpu_memory_gib']) and all(w > 0 for w in last['gpu_power_w'])
+
+
 def test_sample_from_a_gpu_checkpoint(char_data, tmp_path):
     assert run_script('train.py', *GPU, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--compile=False',
                       '--max_iters=4', '--eval_interval=4').returncode == 0

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -690,6 +691,63 @@ def test_resume_auto_starts_a_new_run_and_continues_an_interrupted_one(lora_run,
     assert sorted(os.listdir(fresh)) == [".lock", "checkpoint-2", "data-cache", "log.jsonl"]
 
 
+# -----------------------------------------------------------------------------
+# long runs (train.py's: tests/test_long_runs.py): a save on a clock, a time budget, data wait, GPU telemetry
+
+def test_save_minutes_saves_between_save_steps(work, tmp_path):
+    output_dir = str(tmp_path / "clock")
+    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "4", "--save-steps", "1000",
+                   "--save-minutes", "0.00001", "--keep-last", "10", "--output-dir", output_dir])
+    saved = vlm_checkpoint.checkpoint_steps(output_dir)
+    assert len(saved) >= 3 and saved[-1] == 4  # without the clock: only 4, the last step
+
+
+def test_max_hours_saves_exits_cleanly_and_resumes_exactly(lora_run, tmp_path, capsys):
+    args, output_dir = lora_run
+    limited = str(tmp_path / "limited")
+    command = [*args, "--output-dir", limited, "--resume", "auto"]
+    train_ds.main([*command, "--max-hours", "0.00003", "--price-per-hour", "3.6"])  # returns: exit status 0
+    assert "is near: saved after step" in capsys.readouterr().out
+    assert vlm_checkpoint.checkpoint_steps(limited)[-1] < 8
+    costs = steps_of(limited)  # 3.6 $/h: a thousandth of a dollar a second
+    assert all(abs(r["cost_usd"] - r["elapsed_s"] / 1000) < 0.002 for r in costs)
+    train_ds.main(command)
+    assert [e["loss"] for e in steps_of(limited)] == [e["loss"] for e in steps_of(output_dir)]
+
+
+def stand_in_nvml(folder):
+    from test_long_runs import STAND_IN_NVML
+    path = folder / "pynvml.py"
+    path.write_text(STAND_IN_NVML)
+    spec = importlib.util.spec_from_file_location("pynvml", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_slow_loader_and_busy_gpus_reach_the_log_with_one_hint(work, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STAND_IN_UTIL", "95")
+    monkeypatch.setitem(sys.modules, "pynvml", stand_in_nvml(tmp_path))
+    encode = vlm_data.Batches.__getitem__
+
+    def slow(self, i):
+        time.sleep(0.5)
+        return encode(self, i)
+    monkeypatch.setattr(vlm_data.Batches, "__getitem__", slow)
+    output_dir = str(tmp_path / "slow")
+    train_ds.main([*work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "4", "--num-workers", "0",
+                   "--output-dir", output_dir])
+    records = steps_of(output_dir)
+    assert min(r["data_wait"] for r in records) > 0.5 and records[-1]["gpu_util"] == [95, 95]
+    output = capsys.readouterr().out
+    assert output.count("of the time goes to waiting for the next batch: raise --num-workers") == 1
+    assert "gpu 95% 3.0GiB 60C 250W" in output and "under 80% busy" not in output
+
+
+def test_the_data_wait_of_a_normal_run_is_small(lora_run):
+    assert statistics.median(r["data_wait"] for r in steps_of(lora_run[1])) < 0.10
+
+
 def test_merging_an_output_dir_merges_its_newest_checkpoint(lora_run, tmp_path, capsys):
     _, output_dir = lora_run
     train_ds.main(["--merge-lora", output_dir, "--output-dir", str(tmp_path / "merged")])
@@ -963,7 +1021,7 @@ def test_non_finite_loss_is_skipped_then_stops_and_keeps_the_checkpoint(lora_run
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_path):
+def test_kill_9_or_sigterm_at_random_moments_then_the_same_command_logs_the_same_losses(work, tmp_path):
     args = [*work["args"], "--no-deepspeed", "--use-lora", "--max-steps", "48", "--save-steps", "4"]
     reference = str(tmp_path / "reference")
     train_ds.main([*args, "--output-dir", reference])  # in this process: no second import of transformers
@@ -984,8 +1042,8 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
     while kills < 5:  # each start costs ~10 s of imports: few kills, each one after the resume has loaded
         saved = vlm_checkpoint.checkpoint_steps(output_dir)
         stale = temp_folders()
-        with open(output, "w") as f:
-            process = start_script("train_ds.py", *args, "--output-dir", output_dir, *(["--resume"] if saved else []),
+        with open(output, "w") as f:  # one unchanged command for the first start and every restart
+            process = start_script("train_ds.py", *args, "--output-dir", output_dir, "--resume", "auto",
                                    stdout=f, stderr=subprocess.STDOUT)
         # kill a random number of steps after the checkpoint (at a random moment within a step), or inside a save
         target = (saved[-1] if saved else 0) + (1 if kills % 2 else rng.randint(1, 8))
@@ -997,6 +1055,9 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
             time.sleep(rng.uniform(0, 0.05))
         if process.poll() is not None:
             break  # finished (or failed) before we could kill it
+        if kills == 2:  # one of them a spot reclaim with notice: it saves and exits 0
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=120) == 0
         process.kill()
         process.wait()
         assert "error:" not in output.read_text() and "Traceback" not in output.read_text(), output.read_text()
@@ -1006,7 +1067,7 @@ def test_kill_9_at_random_moments_then_resume_logs_the_same_losses(work, tmp_pat
     with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
         f.write('{"iter": 9')
     os.makedirs(os.path.join(output_dir, ".tmp-checkpoint-999"))
-    train_ds.main([*args, "--output-dir", output_dir, "--resume"])
+    train_ds.main([*args, "--output-dir", output_dir, "--resume", "auto"])
     assert vlm_checkpoint.checkpoint_steps(output_dir)[-1] == 48
     assert not glob.glob(os.path.join(output_dir, ".tmp*"))
     # the same steps and losses, bit for bit, as the run that was never interrupted
