@@ -33,6 +33,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hardware
 import runtime
 from configurator import UserError, check_ranges, settings
 from gpt_settings import check_train_settings, gpt_shape, train_defaults
@@ -150,7 +151,7 @@ if config["profile"]:
 # -----------------------------------------------------------------------------
 tokens_per_iter = batch_size * block_size * accumulation * world_size  # all processes
 dt = window / len(times)
-mfu = model.estimate_mfu(tokens_per_iter / world_size, dt)
+mfu = model.estimate_mfu(tokens_per_iter / world_size, dt, dtype)  # a CPU's matmul peak is measured here, after timing
 if rank == 0:
     if device_type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -169,12 +170,14 @@ if rank == 0:
         "tokens_per_s": round(tokens_per_iter / dt, 1), "ms_per_iter": round(dt * 1000, 2),
         "ms_per_iter_median": round(statistics.median(times) * 1000, 2), "ms_per_iter_min": round(min(times) * 1000, 2),
         "ms_per_iter_max": round(max(times) * 1000, 2), "mfu": round(mfu, 4) if mfu is not None else "n/a",
+        "mfu_of": "this CPU's measured matmul peak" if device_type == "cpu" else "the GPU's datasheet bf16 peak",
+        "peak_flops": hardware.peak_flops(device, dtype),
         "peak_memory_gib": round(peak_memory, 3),
         "peak_memory_kind": "max_memory_allocated" if device_type == "cuda" else "max RSS",
         "timed_iters": len(times), "warmup_iters": config["bench_warmup"], "torch_threads": torch.get_num_threads(),
         "load_average_1m": round(load[0], 2), "trace": trace,
     }
-    mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
+    mfu_text = hardware.mfu_text(mfu, device_type)
     print("| date | device | torch | config | tokens/s | ms/iter (min-max) | MFU | peak memory | load (1 min) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {result['date']} | {world_size} x {device_name} | {torch.__version__} | `{result['config']}` "

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from configurator import UserError
 from model import GPT
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # the Linears that can be adapted (c_proj: attention's and the MLP's)
@@ -23,6 +24,9 @@ def add(model, rank, alpha, dropout, targets, name="default"):
     from peft import LoraConfig, inject_adapter_in_model
     if model.pretrained_from is None:
         raise ValueError("LoRA adapts pretrained weights: load them with GPT.from_pretrained first")
+    if rank > model.config.n_embd:
+        raise UserError(f"lora_rank={rank} is above the model's width n_embd={model.config.n_embd}: no layer has a "
+                        "rank that high; use a smaller --lora_rank (4 to 64 is usual)")
     if getattr(model, "checksum_of_base", None) is None:
         model.checksum_of_base = base_checksum(model)
     with warnings.catch_warnings():  # peft warns whenever an adapter joins another one

@@ -4,6 +4,8 @@ sparsity, from the vendors' spec sheets) and a default hourly price per GPU. mod
 peak for MFU; plan.py reads all of it. A device is matched by its exact CUDA name: a GPU missing
 here (or one whose vendor publishes no tensor peak) gets "unknown peak", never a guess.
 """
+import time
+
 import torch
 
 # name: (memory GiB, dense bf16 TFLOP/s or None if unpublished, default USD per GPU-hour). Prices
@@ -67,13 +69,55 @@ def match_gpu(device_name):
     return DEVICE_NAMES.get(name)
 
 
-def peak_flops(device):
-    """Dense bf16/fp16 peak FLOP/s of the GPU `device` is on, or None when unknown or not a GPU."""
+def native_bf16(device_type):
+    """Whether the device computes in bfloat16 natively: a CUDA GPU from Ampere on, a CPU with AVX512-BF16 or
+    AMX (read from /proc/cpuinfo: elsewhere assumed not); others only emulate it, slower than float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return device_type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def peak_flops(device, dtype="float32"):
+    """The peak FLOP/s MFU is measured against: a GPU's dense bf16/fp16 datasheet figure (None when
+    unknown), a CPU's measured matmul peak in dtype (cpu_matmul_peak); None elsewhere (mps)."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_matmul_peak(dtype)
     if device.type != "cuda":
         return None
     key = match_gpu(torch.cuda.get_device_name(device))
     return GPUS[key][1] * 1e12 if key and GPUS[key][1] else None
+
+
+CPU_PEAKS = {}  # dtype -> FLOP/s, measured once per process
+
+
+def cpu_matmul_peak(dtype="float32", size=1024, seconds=0.1):
+    """This CPU's matmul peak: the fastest of size x size matmuls in dtype over about `seconds`, on the
+    threads torch uses. No datasheet gives a CPU's reachable FLOP/s (cores, clocks, vector units and
+    other processes all vary), so it is measured, once, at start-up."""
+    if dtype not in CPU_PEAKS:
+        a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
+        a @ b  # warm-up: the first call allocates and picks kernels
+        best, start = 0.0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - t))
+        CPU_PEAKS[dtype] = best
+    return CPU_PEAKS[dtype]
+
+
+def mfu_text(mfu, device_type):
+    """A log line's MFU, saying what it is a fraction of on a CPU."""
+    if mfu is None:
+        return "n/a (unknown peak)"
+    return f"{mfu:.2%}" + (" of this CPU's measured matmul peak" if device_type == "cpu" else "")
 
 
 # -----------------------------------------------------------------------------

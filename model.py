@@ -294,7 +294,8 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
         if optimizer == "adamw":
             return adamw
-        muon = torch.optim.Muon(hidden, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum)
+        muon = Muon(hidden, torch.bfloat16 if hardware.native_bf16(device_type) else torch.float32,
+                    lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum)
         muon.param_groups[0]["lr_ratio"] = muon_learning_rate / learning_rate  # the schedule scales both alike
         return MuonAdamW(muon, adamw)
 
@@ -306,10 +307,10 @@ class GPT(nn.Module):
         return (6 if self.lora is None else 4) * self.get_num_params() \
             + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
 
-    def estimate_mfu(self, tokens_per_iter, dt):
-        """Model FLOPs utilization: achieved FLOP/s over the bf16 peak of the GPU we run on.
-        None when the peak is unknown (CPU, or a GPU missing from hardware.GPUS)."""
-        peak = hardware.peak_flops(self.lm_head.weight.device)
+    def estimate_mfu(self, tokens_per_iter, dt, dtype="float32"):
+        """Model FLOPs utilization: achieved FLOP/s over the bf16 peak of the GPU we run on, or over the
+        CPU's measured matmul peak in dtype. None when the peak is unknown (a GPU missing from hardware.GPUS)."""
+        peak = hardware.peak_flops(self.lm_head.weight.device, dtype)
         if peak is None or dt <= 0:
             return None
         return self.flops_per_token() * tokens_per_iter / dt / peak
@@ -353,6 +354,40 @@ class GPT(nn.Module):
             else self.lm_head.weight.dtype
         return [[torch.empty(shape, dtype=dtype, device=idx.device) for _ in range(2)]
                 for _ in range(cfg.n_layer)]
+
+
+def newton_schulz(update, steps, coefficients, eps, dtype):
+    """Muon's orthogonalization of a 2-D update: torch.optim.Muon's quintic Newton-Schulz iteration, in dtype."""
+    a, b, c = coefficients
+    x = update.to(dtype)
+    tall = x.size(0) > x.size(1)
+    x = (x.T if tall else x) / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (same settings, state and step), orthogonalizing in ns_dtype: torch always uses
+    bfloat16, which a device without native bf16 emulates many times slower; float32 there."""
+
+    def __init__(self, params, ns_dtype, **settings):
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], self.ns_dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))  # torch's default
 
 
 class MuonAdamW:

@@ -116,7 +116,9 @@ ddp_rank, ddp_local_rank, ddp_world_size, device, gradient_accumulation_steps = 
 master_process = ddp_rank == 0  # this process will do logging, checkpointing etc.
 say = runtime.say  # only rank 0 talks
 say(f"Using device: {device} ({dtype}), {ddp_world_size} process(es)"
-    + (", fsdp=True without torchrun: nothing to shard, a plain run" if fsdp and not ddp else ""))
+    + (", fsdp=True without torchrun: nothing to shard, a plain run" if fsdp and not ddp else "")
+    + (f"; MFU is of this CPU's measured matmul peak, {hardware.peak_flops('cpu', dtype) / 1e9:.1f} GFLOP/s in "
+       f"{dtype}" if device_type == 'cpu' else ""))
 torch.manual_seed(seed + ddp_rank)  # dropout differs per process; batches are seeded below
 torch.backends.cuda.matmul.allow_tf32 = True  # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True  # allow tf32 on cudnn
@@ -187,9 +189,6 @@ model_args['gelu'] = model.config.gelu  # GPT-2's weights (and our older checkpo
 if block_size < model.config.block_size:  # crop down the model block size if desired
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
-if lora_rank > model.config.n_embd:
-    raise UserError(f"lora_rank={lora_rank} is above the model's width n_embd={model.config.n_embd}: no layer has a "
-                    "rank that high; use a smaller --lora_rank (4 to 64 is usual)")
 if lora_rank and init_from != 'resume':
     gpt_lora.add(model, lora_rank, lora_alpha, lora_dropout, lora_targets.split(','))
 gpt_data.check_vocabulary_fits(data_dir, largest_token, meta_vocab_size, model.config.vocab_size)
@@ -376,11 +375,12 @@ while True:
         eta_s = (max_iters - iter_num) * (t1 - t0) / (iter_num - t0_iter) if t0 >= run_start + compile_s else None
         extra, more = training.long_run_fields(t1 - t0, clock['data'], t1 - run_start, eta_s, price_per_hour, gpus)
         dt, t0, t0_iter, clock['data'] = (t1 - t0) / (iter_num - t0_iter), t1, iter_num, 0.0  # mean since the last log
-        mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt)
+        mfu = raw_model.estimate_mfu(tokens_per_iter // ddp_world_size, dt, dtype)
         print(f"iter {it}/{max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, tok/s "
-              f"{tokens_per_iter / dt:,.0f}, mfu {f'{mfu:.2%}' if mfu is not None else 'n/a (unknown peak)'} | {more}")
+              f"{tokens_per_iter / dt:,.0f}, mfu {hardware.mfu_text(mfu, device_type)} | {more}")
         log({'iter': it, 'loss': loss_value, 'lr': lr, 'dt_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-             'mfu': mfu, 'peak_memory_gib': runtime.peak_memory_gib(device), **extra})
+             'mfu': mfu, 'peak_flops': hardware.peak_flops(device, dtype),  # on a CPU: its measured matmul peak
+             'peak_memory_gib': runtime.peak_memory_gib(device), **extra})
         [print(hint) for hint in training.slow_hints(extra, hinted, "put the dataset on a local SSD (the batches "
                                                      "are memmap reads)", "raise batch_size (plan.py: what fits)")]
     if stop_requested:

@@ -481,7 +481,7 @@ def report_benchmark(args, timings, dtype, device):
                                      args.gradient_checkpointing)
     except ValueError:  # neither a Qwen2-VL-like model nor LLaVA
         flops = None
-    peak = hardware.peak_flops(device)  # None on a CPU or an unknown GPU
+    peak = hardware.peak_flops(device, str(dtype).replace("torch.", ""))  # a CPU's measured; None: unknown GPU
     mfu = round(flops * samples_per_step / seconds / (world_size() * peak), 4) if flops and peak else "n/a"
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"bench": "vlm", "model": args.model, "device": device_name, "torch": torch.__version__,
@@ -489,6 +489,7 @@ def report_benchmark(args, timings, dtype, device):
               "dtype": str(dtype).replace("torch.", ""), "samples_per_step": samples_per_step,
               "ms_per_step": 1000 * seconds,
               "samples_per_s": samples_per_step / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
+              "mfu_of": "this CPU's measured matmul peak" if device.type == "cpu" else "the GPU's datasheet bf16 peak",
               "peak_memory_gib": peak_memory_gib(device)}
     say(json.dumps(result))
 

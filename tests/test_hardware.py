@@ -19,3 +19,14 @@ def test_gpus_are_matched_by_their_exact_name(device_name, key):
 
 def test_every_known_device_name_leads_to_a_gpu_entry():
     assert set(hardware.DEVICE_NAMES.values()) <= set(hardware.GPUS)
+
+
+def test_the_cpu_matmul_peak_is_measured_once_in_under_a_second():
+    import time
+    hardware.CPU_PEAKS.pop('float32', None)
+    start = time.perf_counter()
+    peak = hardware.cpu_matmul_peak('float32')
+    assert time.perf_counter() - start < 1.0 and 1e9 < peak < 1e14  # a real CPU's FLOP/s
+    assert hardware.peak_flops('cpu', 'float32') == peak  # measured once: every log line has the same reference
+    assert hardware.mfu_text(0.5, 'cpu') == "50.00% of this CPU's measured matmul peak"
+    assert hardware.mfu_text(0.5, 'cuda') == "50.00%" and hardware.mfu_text(None, 'cuda') == "n/a (unknown peak)"

@@ -90,10 +90,12 @@ def test_stand_in_gpu_telemetry_reaches_the_log_line_and_log_and_low_use_gets_a_
     assert len(hints) == 1 and 'a batch too small' in hints[0] and 'raise batch_size' in hints[0]
 
 
-def test_the_normal_path_waits_little_for_data_and_without_nvml_notes_it_once(char_data, tmp_path, capsys):
+def test_the_normal_path_waits_little_for_data_has_a_cpu_mfu_and_notes_no_nvml_once(char_data, tmp_path, capsys):
     assert run_inline('train.py', *tiny(char_data, tmp_path, '--max_iters=40', '--eval_interval=100000'))[0] == 0
     output, records = capsys.readouterr().out, read_log(tmp_path)
     assert statistics.median(r['data_wait'] for r in records if 'data_wait' in r) < 0.10
+    assert "MFU is of this CPU's measured matmul peak" in output and "of this CPU's measured matmul peak |" in output
+    assert all(0 < r['mfu'] and r['peak_flops'] > 1e9 for r in records if 'loss' in r)
     assert 'waiting for the next batch' not in output
     assert output.count('GPU telemetry off') == 1 and 'pip install nvidia-ml-py' in output
     assert not any(key.startswith('gpu_') for record in records for key in record)

@@ -82,6 +82,46 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
 
 
+def test_our_newton_schulz_is_torchs_in_bfloat16_and_within_its_tolerance_in_float32():
+    from torch.optim._muon import _zeropower_via_newtonschulz as torchs
+
+    from model import newton_schulz
+    torch.manual_seed(0)
+    settings = (5, (3.4445, -4.775, 2.0315), 1e-7)
+    for shape in ((64, 32), (32, 96)):  # tall and wide
+        update = torch.randn(shape)
+        reference = torchs(update, settings[1], settings[0], settings[2])
+        assert torch.equal(newton_schulz(update, *settings, torch.bfloat16), reference)
+        in_float32 = newton_schulz(update, *settings, torch.float32)
+        assert in_float32.dtype == torch.float32 and (in_float32 - reference.float()).abs().max() < 0.02
+
+
+@pytest.mark.parametrize('ns_dtype', [torch.bfloat16, torch.float32])
+def test_our_muon_steps_as_torchs(ns_dtype):
+    from model import Muon
+    models = [tiny_gpt() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    matrices = [[p for p in m.transformer.h.parameters() if p.dim() == 2] for m in models]
+    ours, torchs = Muon(matrices[0], ns_dtype, lr=0.02), torch.optim.Muon(matrices[1], lr=0.02)
+    x = torch.randint(0, 50, (2, 16))
+    for _ in range(3):
+        for model, optimizer in zip(models, (ours, torchs)):
+            optimizer.zero_grad()
+            model.train()(x, x)[1].backward()
+            optimizer.step()
+    largest = max((a - b).abs().max().item() for a, b in zip(*matrices))
+    assert largest == 0 if ns_dtype == torch.bfloat16 else 0 < largest < 0.005  # bf16's rounding: 1/4 of a step
+    torchs.load_state_dict(ours.state_dict())  # one state format: checkpoints resume either way
+
+
+def test_muon_orthogonalizes_in_float32_where_the_cpu_has_no_native_bfloat16(monkeypatch):
+    import hardware
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(hardware, 'native_bf16', lambda device_type, native=native: native)
+        opt = tiny_gpt().configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon')
+        assert opt.muon.ns_dtype == dtype
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_everything_else():
     model = tiny_gpt()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', muon_learning_rate=0.05)
@@ -138,8 +178,10 @@ def test_crop_block_size():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_mfu_is_unknown_on_cpu():
-    assert tiny_gpt().estimate_mfu(1024, 0.1) is None
+def test_mfu_on_a_cpu_is_of_its_measured_matmul_peak():
+    import hardware
+    model = tiny_gpt()
+    assert model.estimate_mfu(1024, 0.1) == model.flops_per_token() * 1024 / 0.1 / hardware.cpu_matmul_peak('float32')
 
 
 def test_forward_with_targets_returns_the_loss_but_not_the_logits():

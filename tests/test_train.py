@@ -28,8 +28,8 @@ def test_val_loss_falls_and_best_is_never_overwritten(char_data, tmp_path):
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5
     steps = [rec for rec in log if 'loss' in rec]
     assert [rec['iter'] for rec in steps] == list(range(60))
-    assert set(steps[0]) == {'iter', 'loss', 'lr', 'dt_ms', 'tokens_per_s', 'mfu', 'peak_memory_gib', 'elapsed_s',
-                             'data_wait'}
+    assert set(steps[0]) == {'iter', 'loss', 'lr', 'dt_ms', 'tokens_per_s', 'mfu', 'peak_flops', 'peak_memory_gib',
+                             'elapsed_s', 'data_wait'}
     assert 'Using device: cpu' in r.stdout
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['best_val_loss'] == min(rec['val_loss'] for rec in evals)
