@@ -15,9 +15,10 @@ tokens (no data loading), no evals, and no log or stop-signal checks (train.py's
 syncs). Warm-up iterations (compilation included) are not timed. The timed ones run back to back
 with one device sync at the end: tokens/s is the whole window's, and the per-iteration times (CUDA
 events on a GPU) give the median and the spread. MFU is against the GPU's dense bf16 peak from
-hardware.py ("n/a" on a CPU).
+hardware.py, or on a CPU against its matmul peak, measured after the timed window (hardware.cpu_matmul_peak).
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's max RSS on a CPU.
---profile=True writes the timed window as a trace (chrome://tracing or ui.perfetto.dev).
+--profile=True writes the timed window as a trace (chrome://tracing or ui.perfetto.dev) and, on a CPU,
+splits its time: matmuls, attention, the optimizer step, other operators, and the rest (Python, dispatch).
 """
 import signal
 import sys
@@ -143,10 +144,34 @@ with profiler:
     sync()  # the only wait for the device in the timed window
     window = time.perf_counter() - start
 times = [seconds(a, b) for a, b in zip(marks, marks[1:])]
-trace = None
+trace, split = None, None
 if config["profile"]:
     trace = f"bench_trace_{datetime.datetime.now():%Y%m%d_%H%M%S}_rank{rank}.json"  # never over an older trace
     profiler.export_chrome_trace(trace)
+
+
+def category(op):
+    """Where an operator's own time goes, by its name."""
+    name = op.lower()
+    if any(k in name for k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")):
+        return "matmuls"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    if any(k in name for k in ("adam", "muon", "_foreach", "optimizer")):
+        return "optimizer"
+    return "other operators"
+
+
+if config["profile"] and device_type == "cpu":  # operators' own (self) time, in the timed window
+    split, others = {"matmuls": 0.0, "attention": 0.0, "optimizer": 0.0, "other operators": 0.0}, {}
+    for event in profiler.key_averages():
+        split[category(event.key)] += event.self_cpu_time_total / 1e6
+        if category(event.key) == "other operators":
+            others[event.key] = event.self_cpu_time_total / 1e6
+    split["outside operators (Python, dispatch)"] = max(0.0, window - sum(split.values()))
+    split = {k: round(v / window, 3) for k, v in split.items()}
+    largest = sorted(others.items(), key=lambda kv: -kv[1])[:6]
+    split["largest other operators"] = {k: round(v / window, 3) for k, v in largest}
 
 # -----------------------------------------------------------------------------
 tokens_per_iter = batch_size * block_size * accumulation * world_size  # all processes
@@ -175,7 +200,7 @@ if rank == 0:
         "peak_memory_gib": round(peak_memory, 3),
         "peak_memory_kind": "max_memory_allocated" if device_type == "cuda" else "max RSS",
         "timed_iters": len(times), "warmup_iters": config["bench_warmup"], "torch_threads": torch.get_num_threads(),
-        "load_average_1m": round(load[0], 2), "trace": trace,
+        "load_average_1m": round(load[0], 2), "trace": trace, "time_split": split,
     }
     mfu_text = hardware.mfu_text(mfu, device_type)
     print("| date | device | torch | config | tokens/s | ms/iter (min-max) | MFU | peak memory | load (1 min) |")

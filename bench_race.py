@@ -15,6 +15,7 @@ evaluate on the same tokens. Each run gets a fresh out_dir in a temporary folder
 """
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -63,6 +64,9 @@ def main():
     parser.add_argument("--target", type=float, help="also time each run to this val loss")
     parser.add_argument("--ours", default="", help="our arguments instead of the shared ones (e.g. another config)")
     parser.add_argument("--dataset", default="shakespeare_char", help="the other repo's data/ folder both train on")
+    parser.add_argument("--seeds", action="store_true",
+                        help="pair i runs both with --seed=1337+i and their last val losses are compared (nanoGPT "
+                             "fixes its seed in train.py: give a copy a seed setting first, see BENCHMARKS.md)")
     parser.add_argument("args", nargs="*", help="train.py arguments for both (after --)")
     a = parser.parse_args()
     if a.pairs < 1 or not os.path.isfile(os.path.join(a.other, "train.py")):
@@ -73,19 +77,26 @@ def main():
     print(f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"Python {platform.python_version()}")
     print(f"ours:  python train.py {' '.join(ours_args)}\nother: python train.py {' '.join(a.args)} (in {a.other})")
-    results = {"ours": [], "other": []}
+    results, finals = {"ours": [], "other": []}, {"ours": [], "other": []}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(a.pairs):
             for side in (("ours", "other") if pair % 2 == 0 else ("other", "ours")):  # alternate who goes first
                 repo, args = sides[side]
+                args = args + ([f"--seed={1337 + pair}"] if a.seeds else [])
                 wall, to_target, last = run(repo, args, os.path.join(tmp, f"{side}-{pair}"), a.target)
                 results[side].append((wall, to_target))
+                finals[side].append(float(EVAL_LINE.search(last).group(2)) if last else math.nan)
                 reached = f", to val <= {a.target}: {to_target:.1f}s" if a.target is not None else ""
                 print(f"pair {pair} {side:<5} wall {wall:.1f}s{reached}  | {last}", flush=True)
     ratios = [o[0] / t[0] for o, t in zip(results["ours"], results["other"])]
     print(f"wall: ours median {statistics.median(w for w, _ in results['ours']):.1f}s, other "
           f"{statistics.median(w for w, _ in results['other']):.1f}s; ours/other per pair "
           f"{', '.join(f'{r:.3f}' for r in ratios)}: median {statistics.median(ratios):.3f}")
+    if a.seeds:  # the last eval of each run: same recipe, same seeds, the same quality?
+        for side, values in finals.items():
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            print(f"last val loss, {side}: {', '.join(f'{v:.4f}' for v in values)}; "
+                  f"mean {statistics.mean(values):.4f}, std {spread:.4f}")
     if a.target is not None:
         pairs = [(o[1], t[1]) for o, t in zip(results["ours"], results["other"]) if o[1] and t[1]]
         if pairs:

@@ -357,15 +357,18 @@ class GPT(nn.Module):
 
 
 def newton_schulz(update, steps, coefficients, eps, dtype):
-    """Muon's orthogonalization of a 2-D update: torch.optim.Muon's quintic Newton-Schulz iteration, in dtype."""
+    """Muon's orthogonalization of a 2-D update, or of a stack of them (batch, rows, columns) in one go:
+    torch.optim.Muon's quintic Newton-Schulz iteration, in dtype."""
     a, b, c = coefficients
     x = update.to(dtype)
-    tall = x.size(0) > x.size(1)
-    x = (x.T if tall else x) / x.norm().clamp(min=eps)  # spectral norm at most 1
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # each one's spectral norm at most 1
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a) if x.dim() == 3 else \
+            torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Muon):
@@ -379,15 +382,20 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            by_shape = {}  # matrices of one shape are orthogonalized together: a few batched matmuls, not many small
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], self.ns_dtype)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))  # torch's default
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group["momentum"]) if group["nesterov"]
+                                                         else buf))
+            for shape, pairs in by_shape.items():
+                updates = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"],
+                                        group["ns_coefficients"], group["eps"], self.ns_dtype)
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, shape[0] / shape[1])))  # torch's default
 
 
 class MuonAdamW:

@@ -93,6 +93,14 @@ def test_what_fsdp_does_not_run_yet_is_one_line(char_data, tmp_path, monkeypatch
     assert not (tmp_path / 'out').exists()
 
 
+def test_fsdp_without_torchrun_says_it_is_a_plain_run(char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    assert run_inline('train.py', *ARGS, f'--dataset={char_data}', f'--out_dir={tmp_path}', '--fsdp=True',
+                      '--max_iters=2')[0] == 0
+    assert 'fsdp=True without torchrun: nothing to shard, a plain run' in capsys.readouterr().out
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+
+
 def test_bench_says_it_does_not_time_fsdp_yet():
     assert_one_line_error(run_inline('bench.py', '--fsdp=True'), 'bench.py times one process or DDP, not FSDP yet')
 
