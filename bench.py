@@ -209,5 +209,4 @@ if rank == 0:
           f"| {tokens_per_iter / dt:,.0f} | {dt * 1000:.1f} ({min(times) * 1000:.1f}-{max(times) * 1000:.1f}) "
           f"| {mfu_text} | {peak_memory:.2f} GiB ({result['peak_memory_kind']}) | {load[0]:.2f} |")
     print(json.dumps(result))
-if world_size > 1:
-    torch.distributed.destroy_process_group()
+runtime.exit_processes()  # under torchrun: leave the group, and skip the interpreter's shutdown

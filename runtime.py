@@ -6,6 +6,7 @@ import os
 import re
 import resource
 import shutil
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -71,6 +72,21 @@ def start_ddp(device, device_type, backend, gradient_accumulation_steps):
     torch.distributed.init_process_group(backend=backend if device_type == "cuda" else "gloo")
     one_line_errors()  # again: the process group's own hook prefixes every line of stderr with the rank
     return rank, local_rank, world_size, device, gradient_accumulation_steps // world_size
+
+
+def exit_processes(wandb_run=None):
+    """The end of a run, once all is saved: wandb finished, and each process of a multi-process job leaves the
+    group and exits without the interpreter's shutdown. There a gloo worker thread can still free a tensor, ask
+    for the GIL and abort the process (SIGABRT, 'terminate called without an active exception';
+    pytorch/pytorch#190489), so a finished job would exit non-zero."""
+    if wandb_run:
+        wandb_run.finish()
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no process tears the group down while rank 0 is still saving
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def barrier():

@@ -395,6 +395,4 @@ if not eval_only and iter_num > 0 and last_saved_iter != iter_num and (always_sa
     last_saved_iter = save_checkpoint(False, last_saved_iter)
 if nonfinite_total.item() and master_process:
     print(f"{int(nonfinite_total.item())} steps were skipped for non-finite loss")
-if ddp:
-    dist.barrier()  # no rank tears the group down while rank 0 is still saving
-    dist.destroy_process_group()
+runtime.exit_processes(wandb_run)  # under torchrun: leave the group, and skip the interpreter's shutdown

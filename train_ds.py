@@ -46,7 +46,7 @@ import training  # noqa: E402
 from configurator import UserError, one_line_errors  # noqa: E402
 from files import atomic_torch_save, disk_write, trim_jsonl  # noqa: E402
 from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
-from runtime import autocast, barrier, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
+from runtime import autocast, barrier, exit_processes, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
 from vlm_checkpoint import (  # noqa: E402
     checkpoint_steps,
     claim_output_dir,
@@ -587,3 +587,4 @@ def fine_tune(args, dtype, ds_config, zero3, resume_from, data, device):
 if __name__ == "__main__":
     one_line_errors()
     main()
+    exit_processes()  # under a launcher: skip the interpreter's shutdown (see runtime.exit_processes)

@@ -745,7 +745,9 @@ def test_a_slow_loader_and_busy_gpus_reach_the_log_with_one_hint(work, tmp_path,
 
 
 def test_the_data_wait_of_a_normal_run_is_small(lora_run):
-    assert statistics.median(r["data_wait"] for r in steps_of(lora_run[1])) < 0.10
+    # a slowed loader waits > 0.5 (above). This tiny model's steps are short, so beside another test process
+    # the loader's share of them varies: a normal run's median was 0.118 in one CI run
+    assert statistics.median(r["data_wait"] for r in steps_of(lora_run[1])) < 0.25
 
 
 def test_merging_an_output_dir_merges_its_newest_checkpoint(lora_run, tmp_path, capsys):
