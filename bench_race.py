@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from hardware import cpu_name
+
 EVAL_LINE = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 
 
@@ -46,14 +48,6 @@ def run(repo, args, out_dir, target):
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(command)} failed in {repo} (exit {proc.returncode})")
     return time.time() - start, to_target, last
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main():

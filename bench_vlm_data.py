@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tes
 from vlm_fixtures import write_qwen2_vl  # noqa: E402
 
 import vlm_data  # noqa: E402
+from hardware import cpu_name  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--samples", type=int, default=10000)
@@ -41,14 +41,6 @@ processor = vlm_data.load_processor(model, False, 256 * 28 * 28, 1280 * 28 * 28)
 cache_file = os.path.join(args.folder, "measures.json")
 if os.path.exists(cache_file):
     os.remove(cache_file)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def timed(work, count):

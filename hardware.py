@@ -4,6 +4,7 @@ sparsity, from the vendors' spec sheets) and a default hourly price per GPU. mod
 peak for MFU; plan.py reads all of it. A device is matched by its exact CUDA name: a GPU missing
 here (or one whose vendor publishes no tensor peak) gets "unknown peak", never a guess.
 """
+import platform
 import time
 
 import torch
@@ -67,6 +68,15 @@ def match_gpu(device_name):
     for prefix in ("NVIDIA ", "GeForce ", "Tesla "):
         name = name.removeprefix(prefix)
     return DEVICE_NAMES.get(name)
+
+
+def cpu_name():
+    """This CPU's model name, for the benchmarks' headers."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def native_bf16(device_type):

@@ -404,6 +404,38 @@ def vlm_flops_per_sample(arch, max_length, max_pixels, use_lora, gradient_checkp
     return forward + backward + recompute + vision_forward
 
 
+def device_bytes(device, world_size):
+    """The memory a process may plan on: its CUDA GPU's, or on a CPU its share of the RAM available now; None
+    where unknown (mps)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    if str(device) == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // world_size
+    return None
+
+
+def vlm_checkpointing(args, world_size, device, ds_config=None, memory_bytes=None):
+    """--gradient-checkpointing's default: off where the run's planned need without it is at most half of the
+    device's memory (memory_bytes, or device_bytes'), since recomputing every layer costs time each step (2.2x
+    per step on a 32M Qwen2-VL on a CPU: BENCHMARKS.md); on otherwise, and where the model or the memory is
+    unknown. Returns (on, a line saying which and why)."""
+    flags = dict(args if isinstance(args, dict) else vars(args), gradient_checkpointing=False)
+    memory_bytes = memory_bytes or device_bytes(device, world_size)
+    try:
+        memory = vlm_memory(vlm_arch(flags["model"]), world_size,
+                            zero_settings(ds_config) if ds_config is not None else None, **vlm_step(flags))
+    except ValueError:  # a model we cannot size
+        return True, "gradient checkpointing on (this model's memory cannot be planned)"
+    if not memory_bytes:
+        return True, "gradient checkpointing on (this device's memory is unknown)"
+    need = needed_bytes(memory, world_size)
+    if need <= memory_bytes / 2:
+        return False, (f"gradient checkpointing off: without it this run needs ~{need / GiB:.1f} GiB, under half "
+                       f"the {memory_bytes / GiB:.1f} GiB here (--gradient-checkpointing saves memory, slower)")
+    return True, (f"gradient checkpointing on: without it this run would need ~{need / GiB:.1f} GiB, over half the "
+                  f"{memory_bytes / GiB:.1f} GiB here (--no-gradient-checkpointing is faster, if it fits)")
+
+
 def vlm_step(args):
     """vlm_memory's keyword arguments from train_ds.py's flags (its argparse namespace, or a dict)."""
     flags = args if isinstance(args, dict) else vars(args)

@@ -221,7 +221,9 @@ def gpt_run(config):
 
 
 def vlm_run(args):
-    """train_ds.py's run, from its flags."""
+    """train_ds.py's run, from its flags. Gradient checkpointing, unless set, is planned on: train_ds.py turns it
+    off only where the run would need under half the GPU without it (--no-gradient-checkpointing plans that)."""
+    args.gradient_checkpointing = args.gradient_checkpointing is not False
     try:
         arch = vlm_arch(args.model)
     except ValueError as e:

@@ -45,7 +45,7 @@ import hardware  # noqa: E402
 import training  # noqa: E402
 from configurator import UserError, one_line_errors  # noqa: E402
 from files import atomic_torch_save, disk_write, trim_jsonl  # noqa: E402
-from memory import vlm_arch, vlm_flops_per_sample, vlm_start_line  # noqa: E402
+from memory import vlm_arch, vlm_checkpointing, vlm_flops_per_sample, vlm_start_line  # noqa: E402
 from runtime import autocast, barrier, exit_processes, peak_memory_gib, rank, resolve_dtype, say, world_size  # noqa: E402
 from vlm_checkpoint import (  # noqa: E402
     checkpoint_steps,
@@ -573,6 +573,9 @@ def fine_tune(args, dtype, ds_config, zero3, resume_from, data, device):
                         "steps: raise --max-steps (or --epochs) to train on")
     if saved_step and int(saved_step.group(1)) == max_steps:
         say(f"{resume_from} is at step {max_steps}, this run's last: nothing to train (raise --max-steps to go on)")
+    if args.gradient_checkpointing is None:  # off where the memory allows: it recomputes every layer each step
+        args.gradient_checkpointing, why = vlm_checkpointing(args, world_size(), device, ds_config)
+        say(why)
     say(vlm_start_line(args, world_size(), device, ds_config))  # expected peak memory; warns if it will not fit
     engine = build_engine(args, dtype, device, ds_config, zero3)
     start_step = resume_checkpoint(resume_from, engine) if resume_from else 0

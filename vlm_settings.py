@@ -61,7 +61,9 @@ def build_parser(description=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm; 0 for no clipping")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward: less memory, slower steps (default: on only where the "
+                        "run would need more than half the device's memory without it)")
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many steps in a row with a NaN/inf loss (each one is skipped)")
     precision = p.add_mutually_exclusive_group()

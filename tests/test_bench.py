@@ -39,3 +39,33 @@ def test_bench_times_whole_iterations_under_torchrun_and_writes_a_trace(tmp_path
 def test_bench_refuses_a_cuda_only_attention_kernel_on_the_cpu():
     assert_one_line_error(run_inline("bench.py", "--attention_backend=cudnn", "--device=cpu"),
                           "attention_backend='cudnn' runs on CUDA GPUs only")
+
+
+def test_the_vlm_race_marks_for_trl_exactly_the_tokens_train_ds_labels(tmp_path):
+    # bench_vlm_race.py gives TRL's assistant_only_loss a template with {% generation %} marks: its mask must
+    # pick the very tokens vlm_data labels, or the two losses would not be the same loss
+    import subprocess
+    import sys
+
+    import vlm_fixtures
+    from conftest import REPO
+
+    import bench_vlm_race
+    import vlm_data
+    subprocess.run([sys.executable, f"{REPO}/data/vlm_demo/prepare.py", "--out-dir", str(tmp_path), "--num-train",
+                    "6", "--num-val", "1", "--size", "56"], check=True, capture_output=True)
+    processor = vlm_data.load_processor(vlm_fixtures.write_qwen2_vl(str(tmp_path / "qwen")), False, 3136, 3136)
+    samples = vlm_data.read_samples(str(tmp_path / "train.json"))
+    assert any(sum(m["role"] == "assistant" for m in messages) > 1 for messages, _, _ in samples)  # multi-turn too
+    ours = vlm_data.encode(samples, processor)
+    for messages, paths, _ in samples:  # TRL puts each image into its placeholder
+        images = iter(paths)
+        for item in (item for m in messages for item in m["content"] if item["type"] == "image"):
+            item["image"] = next(images)
+    theirs = processor.apply_chat_template([m for m, _, _ in samples], chat_template=bench_vlm_race.TRL_TEMPLATE,
+                                           tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                           return_tensors="pt", processor_kwargs=dict(padding=True,
+                                                                                      padding_side="right"))
+    assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
+    labels = theirs["input_ids"].masked_fill(theirs["assistant_masks"] == 0, -100)
+    assert (labels != -100).any() and labels.tolist() == ours["labels"].tolist()

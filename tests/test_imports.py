@@ -35,7 +35,7 @@ def test_no_module_imports_itself_through_others():
 
 # what a user runs; everything else is a module the scripts share
 SCRIPTS = {'train', 'train_ds', 'sample', 'sample_vlm', 'classify', 'export', 'plan', 'plot', 'bench', 'bench_race',
-           'bench_vlm_data'}
+           'bench_vlm_data', 'bench_vlm_race'}
 
 
 def test_no_script_is_imported_and_the_bottom_modules_import_only_the_bottom():

@@ -413,3 +413,19 @@ def test_gpu_names_take_underscores_for_spaces_in_both_modes(capsys):
     plan.plan(["--vlm", "--use-lora", "--gpu=A100_40GB", "--gpus=1"])
     vlm = capsys.readouterr().out
     assert "| A100 40GB |" in gpt and "| A100 40GB |" in vlm
+
+
+def test_gradient_checkpointing_defaults_off_only_where_half_the_memory_holds_the_run():
+    args = vars(plan.vlm_parser().parse_args(["--use-lora"]))  # Qwen2-VL-2B's built-in sizes
+    assert args["gradient_checkpointing"] is None
+    step = memory.vlm_step(dict(args, gradient_checkpointing=False))
+    need = memory.needed_bytes(memory.vlm_memory(memory.vlm_arch(args["model"]), 1, None, **step), 1)
+    on, why = memory.vlm_checkpointing(args, 1, "cuda", memory_bytes=2 * need)
+    assert not on and why.startswith("gradient checkpointing off")
+    on, why = memory.vlm_checkpointing(args, 1, "cuda", memory_bytes=2 * need - 1)
+    assert on and "--no-gradient-checkpointing is faster" in why
+    assert memory.vlm_checkpointing(dict(args, model="someone/unknown-vlm"), 1, "cpu")[0]
+    assert memory.vlm_checkpointing(args, 1, "mps")[0]  # memory unknown
+    parsed = plan.vlm_parser().parse_args(["--use-lora"])
+    plan.vlm_run(parsed)
+    assert parsed.gradient_checkpointing is True  # plan.py plans it on unless told

@@ -511,6 +511,16 @@ def lora_run(work):
     return args, output_dir
 
 
+def test_gradient_checkpointing_changes_no_loss_and_by_default_is_off_here(lora_run, tmp_path, capsys):
+    args, _ = lora_run
+    for name, flags in (("default", []), ("on", ["--gradient-checkpointing"])):
+        train_ds.main([*args, "--max-steps", "3", *flags, "--output-dir", str(tmp_path / name)])
+        said = capsys.readouterr().out
+        assert ("gradient checkpointing off: without it this run needs" in said) == (name == "default")  # tiny
+    losses = {name: [r["loss"] for r in steps_of(tmp_path / name)] for name in ("default", "on")}
+    assert len(losses["on"]) == 3 and losses["on"] == pytest.approx(losses["default"], rel=1e-5)
+
+
 def test_plot_draws_a_train_ds_run_with_its_losses_and_eval_losses(lora_run, tmp_path):
     import plot
     _, output_dir = lora_run
@@ -903,7 +913,7 @@ def test_benchmark_mfu_is_the_achieved_flops_over_the_gpu_peak(work, monkeypatch
 
     def reported_mfu(model):
         args = train_ds.parse_args(["--model", model, "--benchmark", "--use-lora", "--benchmark-image-size", "56",
-                                    *TINY_IMAGES])
+                                    "--gradient-checkpointing", *TINY_IMAGES])
         train_ds.report_benchmark(args, timings, torch.float32, torch.device("cpu"))
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mfu"]
     # one sample per step of 300 tokens and a 56x56 image, 2 steps per second (the median of 0.5, 0.25, 0.5 s)

@@ -5,6 +5,7 @@ a byte-level BPE tokenizer trained on a few words, a chat template, the model's 
 and a random-weight model built from a config.
 
     python tests/vlm_fixtures.py qwen2-vl-tiny /tmp/tiny-qwen2vl
+    python tests/vlm_fixtures.py qwen2-vl-small /tmp/small-qwen2vl   # 32M parameters, for bench_vlm_race.py
     python tests/vlm_fixtures.py qwen2-vl-2b /tmp/qwen2vl-2b --no-weights   # for --random-init
 
 Qwen-VL folders are written in the hub's layout, so AutoProcessor builds the stock processor;
@@ -86,6 +87,13 @@ def write_qwen2_vl(folder, size="tiny", weights=True, version="2"):
                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
                           temporal_patch_size=2)
         pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56)
+    elif size == "small":  # 32M parameters at 448-pixel images: big enough that compute, not overhead, leads
+        text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=len(tokenizer),
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+        vision = dict(depth=6, embed_dim=384, hidden_size=512, num_heads=6, mlp_ratio=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        pixels = dict(min_pixels=56 * 56, max_pixels=448 * 448)
     else:  # Qwen2-VL-2B's architecture (random weights; the tokenizer only covers the first few ids)
         text = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                     num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -160,7 +168,8 @@ def write_no_template_copy(source, folder):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="write a random-weight VLM folder for tests or benchmarks")
-    parser.add_argument("arch", choices=["qwen2-vl-tiny", "qwen2-vl-2b", "qwen2.5-vl-tiny", "llava-tiny"])
+    parser.add_argument("arch", choices=["qwen2-vl-tiny", "qwen2-vl-small", "qwen2-vl-2b", "qwen2.5-vl-tiny",
+                                         "llava-tiny"])
     parser.add_argument("folder")
     parser.add_argument("--no-weights", action="store_true", help="config + processor only (for --random-init)")
     args = parser.parse_args()
